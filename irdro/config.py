@@ -1,0 +1,518 @@
+"""Recipes: strict frozen dataclasses loaded from YAML, `a.b=value` overrides, the DeepSpeed JSON merge.
+
+Owns: every user-facing setting, its default and its validation; the DeepSpeed JSON that a recipe
+resolves to. Must not: import torch or deepspeed, read data, or touch the filesystem beyond reading
+the recipe and the DeepSpeed JSON it names. Every error is a `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# Scheme names of irdro.reweight's registry (kept here so config stays torch-free; a unit test
+# checks the two agree).
+SCHEMES = ("erm", "irdro", "midrank")
+
+# DeepSpeed keys the recipe owns; a DS JSON that sets them is refused.
+RECIPE_OWNED_DS_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A recipe or DeepSpeed JSON problem; the message names the dotted key and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face model folder (config + weights). Exactly one of `path` and `config`."""
+    config: dict | None = None
+    """Inline HF config (`model_type` plus sizes) for a randomly initialised model (tests, demos)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; defaults to `path`. Must match the data's manifest tokenizer hash."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter/compute dtype; must agree with the DeepSpeed JSON's `bf16.enabled`."""
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """`auto` = flash_attention_2 when flash-attn and CUDA are present, else sdpa."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, about a third more compute)."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside the model folder. Off unless you trust the folder."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""
+    """Shard directory written by tools/prepare_data.py (holds manifest.json)."""
+    eval: str | None = None
+    """Held-out shard directory for `eval_loss`/`eval_ppl`; none disables evaluation."""
+    shuffle: bool = True
+    """Seeded global shuffle per epoch; off = manifest order."""
+    pad_to_multiple_of: int = 8
+    """Right-pad each micro-batch to the longest sample rounded up to this multiple."""
+    verify_checksums: bool = False
+    """Recompute every shard's sha256 at start-up (slow on big corpora)."""
+
+
+@dataclass(frozen=True)
+class ReweightConfig:
+    scheme: str = "erm"
+    """Registry name: erm | irdro | midrank."""
+    window: Literal["micro", "step"] = "micro"
+    """Samples one weight distribution spans: one micro-batch on every DP rank, or the whole
+    optimizer step (exact; one extra no-grad forward)."""
+    lam: float = 1.0
+    """IR-DRO temperature (> 0): small = emphasise the hardest, large = ERM."""
+    trim_top: float = 0.0
+    """IR-DRO: fraction of the hardest samples of the window given weight 0, in [0, 1)."""
+    frac: float = 0.5
+    """MidRanking: band width as a fraction of the window, in (0, 1]."""
+    portion: int = 1
+    """MidRanking: which band of the descending loss order is kept (0 = the hardest)."""
+    warmup_steps: int = 0
+    """Uniform weights for the first N optimizer steps."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer: adamw (fused on GPU, DeepSpeedCPUAdam with offload) or plain sgd."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (adamw) / L2 (sgd)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip written to the DS JSON; 0 disables clipping."""
+    scheduler: Literal["constant", "cosine", "linear"] = "cosine"
+    """LR schedule after warm-up, decaying to `min_lr_ratio * lr` at `max_steps`."""
+    warmup_steps: int = 0
+    """Linear LR warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of `lr` for cosine/linear."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0
+    """Held-out evaluation every N steps (0 = only before the first and after the last step)."""
+    max_batches: int = 20
+    """Cap on eval micro-batches per rank."""
+    micro_batch_size: int = 0
+    """Eval micro-batch size per rank (0 = the training micro-batch size)."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0
+    """DeepSpeed checkpoint every N steps (0 = only at the end)."""
+    at_end: bool = True
+    """Save a checkpoint after the last step."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 1
+    """Write a metrics.jsonl line every N steps."""
+    tensorboard: bool = True
+    """TensorBoard scalars under OUTPUT_DIR/tensorboard (when tensorboard is installed)."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    output_dir: str = ""
+    """Run directory: recipe.yaml, ds_config.json, metrics.jsonl, checkpoints/, tensorboard/."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0
+    """Seeds the data order and model init (same on every rank)."""
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    micro_batch_size: int = 1
+    """Samples per rank per forward (DeepSpeed train_micro_batch_size_per_gpu)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)."""
+    global_batch_size: int | None = None
+    """Optional check: must equal micro_batch_size * grad_accum_steps * data-parallel size."""
+    ds_config: str = "ds_configs/zero3_fp32.json"
+    """DeepSpeed JSON with engine settings only (ZeRO stage, offload, dtype)."""
+    ds_overrides: dict = field(default_factory=dict)
+    """Deep-merged into the DS JSON (engine settings only, e.g. zero_optimization.stage)."""
+    max_consecutive_skips: int = 5
+    """Abort after this many consecutive steps skipped for a non-finite loss."""
+
+    def global_batch(self, dp: int) -> int:
+        """Samples per optimizer step over `dp` data-parallel ranks."""
+        return self.micro_batch_size * self.grad_accum_steps * dp
+
+    def window_size(self, dp: int) -> int:
+        """Samples in one reweighting window over `dp` data-parallel ranks."""
+        per_rank = self.micro_batch_size * (self.grad_accum_steps if self.reweight.window == "step" else 1)
+        return per_rank * dp
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_recipe(
+    path: str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    world_size: int | None = None,
+) -> Recipe:
+    """Load a recipe YAML (or defaults when `path` is None), apply `a.b=value` overrides, validate.
+
+    Args:
+        path: recipe file.
+        overrides: `dotted.key=value` strings; values are parsed as YAML.
+        world_size: data-parallel size; when given, the batch arithmetic and the reweighting window
+            are checked too.
+    """
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe, world_size)
+    return recipe
+
+
+def recipe_from_dict(raw: dict, world_size: int | None = None) -> Recipe:
+    """Build and validate a recipe from a plain dict (e.g. the one saved in a checkpoint)."""
+    recipe = _build(Recipe, copy.deepcopy(raw), "")
+    validate(recipe, world_size)
+    return recipe
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Return a copy of `raw` with each `a.b.c=value` applied (value parsed as YAML)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Strictly build dataclass `cls` from a mapping; unknown keys and wrong types raise."""
+    where = prefix.rstrip(".") or "recipe"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown key {prefix}{key}{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = math.nan
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this module
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(r: Recipe, world_size: int | None = None) -> None:
+    """Cross-field checks; with `world_size`, also batch arithmetic and the reweighting window."""
+    _check(bool(r.output_dir), "output_dir", "required (the run directory)")
+    m = r.model
+    _check(
+        (m.path is None) != (m.config is None),
+        "model.path",
+        "set exactly one of model.path (a local HF folder) and model.config (an inline config)",
+    )
+    if m.config is not None:
+        _check("model_type" in m.config, "model.config.model_type", "required in an inline config")
+    _check(m.tokenizer is not None or m.path is not None, "model.tokenizer", "required with model.config")
+    _check(bool(r.data.train), "data.train", "required (a shard dir from tools/prepare_data.py)")
+    _check(r.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1")
+
+    w = r.reweight
+    if w.scheme not in SCHEMES:
+        close = difflib.get_close_matches(w.scheme, SCHEMES, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"reweight.scheme: {w.scheme!r} is not one of {', '.join(SCHEMES)}{hint}")
+    _check(w.lam > 0 and math.isfinite(w.lam), "reweight.lam", f"must be a finite number > 0, got {w.lam}")
+    _check(0.0 <= w.trim_top < 1.0, "reweight.trim_top", f"must be in [0, 1), got {w.trim_top}")
+    _check(0.0 < w.frac <= 1.0, "reweight.frac", f"must be in (0, 1], got {w.frac}")
+    _check(w.portion >= 0, "reweight.portion", f"must be >= 0, got {w.portion}")
+    _check(w.warmup_steps >= 0, "reweight.warmup_steps", "must be >= 0")
+
+    o = r.optim
+    _check(o.lr >= 0, "optim.lr", "must be >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+    _check(r.max_steps >= 1, "max_steps", "must be >= 1")
+    _check(r.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+    _check(r.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+    _check(r.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
+    _check(r.eval.every >= 0, "eval.every", "must be >= 0")
+    _check(r.eval.max_batches >= 1, "eval.max_batches", "must be >= 1")
+    _check(r.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _check(r.log.every >= 1, "log.every", "must be >= 1")
+
+    if world_size is not None:
+        _check(world_size >= 1, "world_size", "must be >= 1")
+        if r.global_batch_size is not None:
+            _check(
+                r.global_batch_size == r.global_batch(world_size),
+                "global_batch_size",
+                f"{r.global_batch_size} != micro_batch_size {r.micro_batch_size} x grad_accum_steps "
+                f"{r.grad_accum_steps} x data-parallel size {world_size} = {r.global_batch(world_size)}",
+            )
+        if w.scheme == "midrank":
+            n = r.window_size(world_size)
+            c = math.floor(w.frac * n)
+            _check(
+                c >= 1,
+                "reweight.frac",
+                f"MidRanking band is empty: floor({w.frac} x window {n}) = 0; raise frac or the batch",
+            )
+            _check(
+                (w.portion + 1) * c <= n,
+                "reweight.portion",
+                f"band [{w.portion * c}, {(w.portion + 1) * c}) lies outside the window of {n} "
+                f"samples; lower portion or frac",
+            )
+        if w.scheme == "irdro":
+            n = r.window_size(world_size)
+            _check(
+                math.floor(w.trim_top * n) < n,
+                "reweight.trim_top",
+                f"trims every sample of a window of {n}",
+            )
+
+
+# ----------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def resolve_path(path: str) -> Path:
+    """A recipe path: absolute, else relative to the working directory, else to the repo root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+def _find_auto(node: Any, key: str) -> str | None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            hit = _find_auto(v, f"{key}.{k}" if key else k)
+            if hit:
+                return hit
+    elif node == "auto":
+        return key
+    return None
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_ds_config(r: Recipe, world_size: int) -> dict:
+    """The DeepSpeed JSON for this recipe: the engine settings of `r.ds_config` + `ds_overrides`,
+    with the recipe-owned batch and clipping keys filled in.
+
+    The optimizer and LR scheduler are built by irdro.engine from `optim` (client objects), so they
+    never appear in the JSON.
+    """
+    path = resolve_path(r.ds_config)
+    if not path.is_file():
+        raise ConfigError(f"ds_config: file not found: {r.ds_config} (see ds_configs/)")
+    try:
+        base = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config: {path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"ds_config: {path}: expected a JSON object")
+    for source, cfg in ((str(path), base), ("ds_overrides", r.ds_overrides)):
+        for k in RECIPE_OWNED_DS_KEYS:
+            if k in cfg:
+                raise ConfigError(
+                    f"ds_config: {source} sets {k!r}, which the recipe owns; remove it "
+                    f"(set micro_batch_size / grad_accum_steps / optim.* in the recipe instead)"
+                )
+        auto = _find_auto(cfg, "")
+        if auto:
+            raise ConfigError(f"ds_config: {source} sets {auto} = \"auto\"; irdro needs explicit values")
+    ds = _deep_merge(base, r.ds_overrides)
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ConfigError("ds_config: fp16 is not supported (use bf16 or fp32)")
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    _check(
+        bf16 == (r.model.dtype == "bf16"),
+        "model.dtype",
+        f"{r.model.dtype} but {path.name} has bf16.enabled={str(bf16).lower()}; pick a matching "
+        f"ds_configs/*_{r.model.dtype}.json",
+    )
+    ds["train_micro_batch_size_per_gpu"] = r.micro_batch_size
+    ds["gradient_accumulation_steps"] = r.grad_accum_steps
+    ds["train_batch_size"] = r.global_batch(world_size)
+    ds["gradient_clipping"] = r.optim.grad_clip
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    dev = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return dev not in (None, "none")
+
+
+# ----------------------------------------------------------------------------- dumping
+
+
+def _to_plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _to_plain(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_to_plain(v) for v in node]
+    return node
+
+
+def dump_yaml(r: Recipe) -> str:
+    return yaml.safe_dump(r.to_dict(), sort_keys=False, default_flow_style=None)

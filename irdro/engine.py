@@ -1,0 +1,86 @@
+"""DeepSpeed wiring: process group, optimizer, LR schedule, `deepspeed.initialize`.
+
+Owns: the only `deepspeed.initialize` call, the optimizer and LR scheduler built from the recipe's
+`optim` section (client objects, so the DS JSON never carries them), and process-group start-up for
+the launcher and for plain `python -m irdro.train`. Must not: load data or compute losses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+
+from irdro.config import OptimConfig, Recipe, offloads_optimizer
+
+
+def init_distributed() -> None:
+    """Start the process group (gloo on CPU, nccl on GPU). A plain `python -m irdro.train` becomes a
+    world of one, so every code path is the distributed one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        )  # fmt: skip
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def build_optimizer(params, cfg: OptimConfig, ds_config: dict) -> torch.optim.Optimizer:
+    """AdamW (DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on GPU) or SGD."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Multiplier on `cfg.lr` at optimizer step s: linear warm-up, then constant/cosine/linear decay
+    to `min_lr_ratio` at `max_steps`."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.scheduler == "constant":
+            return 1.0
+        span = max(1, max_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.scheduler == "cosine" else 1 - t
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return f
+
+
+def initialize(recipe: Recipe, model: torch.nn.Module, ds_config: dict):
+    """`deepspeed.initialize` with our optimizer and scheduler; returns the engine."""
+    import deepspeed
+
+    # Callables, so DeepSpeed builds both over the parameters and optimizer it actually manages.
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=lambda params: build_optimizer(params, recipe.optim, ds_config),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(recipe.optim, recipe.max_steps)
+        ),
+        config=ds_config,
+    )
+    return engine

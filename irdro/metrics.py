@@ -1,0 +1,78 @@
+"""Run metrics: `metrics.jsonl`, TensorBoard scalars, the rank-0 progress bar.
+
+Owns: writing what the loop measured. Every method is a no-op on ranks other than 0, so the loop
+never branches on rank. Must not: compute metrics that need collectives (the loop passes numbers in).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from irdro import dist
+
+log = logging.getLogger(__name__)
+
+
+class RankZeroLogger:
+    """metrics.jsonl + optional TensorBoard + tqdm, active on global rank 0 only."""
+
+    def __init__(self, output_dir: str | Path, *, total_steps: int, initial_step: int = 0,
+                 tensorboard: bool = True, progress: bool = True) -> None:  # fmt: skip
+        self.active = dist.is_main()
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not self.active:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._file = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard not installed; skipping TensorBoard logging")
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                             dynamic_ncols=True)  # fmt: skip
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line (non-finite floats become null) and mirror scalars to TensorBoard."""
+        if not self.active:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def histogram(self, name: str, values, step: int) -> None:
+        if self.active and self._tb is not None:
+            self._tb.add_histogram(name, values, step)
+
+    def progress(self, step: int, **postfix: float) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self._bar.refresh()
+
+    def info(self, msg: str, *args: object) -> None:
+        if self.active:
+            log.info(msg, *args)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()

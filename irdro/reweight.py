@@ -1,0 +1,117 @@
+"""Per-sample weight math: the scheme registry and `compute_weights`.
+
+Owns: turning a window's detached per-sample losses into weights that sum to 1 (ERM, IR-DRO,
+MidRanking, trimming, warm-up). Pure functions of a 1-D fp32 tensor. Must not: call
+torch.distributed, know about ranks, micro-batches or gradient accumulation (that is
+irdro.normalize), or see padding (callers pass only valid samples).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from irdro.config import ReweightConfig
+
+SchemeFn = Callable[..., Tensor]
+_REGISTRY: dict[str, SchemeFn] = {}
+
+
+def register(name: str) -> Callable[[SchemeFn], SchemeFn]:
+    """Register a scheme `fn(losses, **params) -> weights` under `name`."""
+
+    def deco(fn: SchemeFn) -> SchemeFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def schemes() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def compute_weights(losses: Tensor, scheme: str, **params: float) -> Tensor:
+    """Weights over a window of per-sample losses.
+
+    Args:
+        losses: (N,) per-sample mean NLL of the whole (already global) window; detached, finite.
+        scheme: registry name (`erm`, `irdro`, `midrank`).
+        **params: the scheme's parameters (`lam`, `trim_top`; `frac`, `portion`).
+
+    Returns:
+        (N,) fp32 weights >= 0 summing to 1.
+
+    Raises:
+        ValueError: unknown scheme, empty or non-finite losses, or an empty MidRanking band.
+    """
+    if scheme not in _REGISTRY:
+        raise ValueError(f"unknown reweighting scheme {scheme!r}; registered: {', '.join(_REGISTRY)}")
+    if losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(f"losses must be a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
+    losses = losses.detach().float()
+    if not torch.isfinite(losses).all():
+        raise ValueError("losses contain non-finite values; the step must be skipped, not reweighted")
+    return _REGISTRY[scheme](losses, **params)
+
+
+def _descending_order(losses: Tensor) -> Tensor:
+    # Stable, so ties keep window order and every rank computes the same ranking.
+    return torch.sort(losses, descending=True, stable=True).indices
+
+
+@register("erm")
+def erm(losses: Tensor) -> Tensor:
+    """Uniform weights: the plain mean of per-sample losses."""
+    return torch.full_like(losses, 1.0 / losses.numel())
+
+
+@register("irdro")
+def irdro(losses: Tensor, lam: float = 1.0, trim_top: float = 0.0) -> Tensor:
+    """Closed-form maximiser of `sum_i p_i l_i - lam * KL(p || uniform)`: softmax(l / lam).
+
+    `trim_top` first gives the top `floor(trim_top * N)` losses weight 0 (noise guard).
+    """
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    n = losses.numel()
+    logits = losses / lam
+    k = math.floor(trim_top * n)
+    if k >= n:
+        raise ValueError(f"trim_top={trim_top} trims all {n} samples of the window")
+    if k > 0:
+        logits = logits.clone()
+        logits[_descending_order(losses)[:k]] = -math.inf
+    logits = logits - logits.max()  # max-shift: exp never overflows
+    w = torch.exp(logits)
+    return w / w.sum()
+
+
+@register("midrank")
+def midrank(losses: Tensor, frac: float = 0.5, portion: int = 1) -> Tensor:
+    """Equal weight on ranks `[portion*c, (portion+1)*c)` of the descending order, c = floor(frac*N)."""
+    n = losses.numel()
+    c = math.floor(frac * n)
+    lo, hi = portion * c, (portion + 1) * c
+    if c < 1 or hi > n:
+        raise ValueError(
+            f"MidRanking band [{lo}, {hi}) is empty or outside a window of {n} samples "
+            f"(frac={frac}, portion={portion})"
+        )
+    w = torch.zeros_like(losses)
+    w[_descending_order(losses)[lo:hi]] = 1.0 / c
+    return w
+
+
+def scheme_params(cfg: ReweightConfig, step: int) -> tuple[str, dict[str, float]]:
+    """The scheme and its parameters in force at optimizer step `step` (0-based), warm-up applied."""
+    if step < cfg.warmup_steps or cfg.scheme == "erm":
+        return "erm", {}
+    if cfg.scheme == "irdro":
+        return "irdro", {"lam": cfg.lam, "trim_top": cfg.trim_top}
+    if cfg.scheme == "midrank":
+        return "midrank", {"frac": cfg.frac, "portion": cfg.portion}
+    raise ValueError(f"reweight.scheme {cfg.scheme!r} has no parameter mapping")

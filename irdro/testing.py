@@ -1,0 +1,124 @@
+"""Run a recipe on N local gloo ranks without the deepspeed launcher (tests and benchmarks).
+
+Owns: spawning `python -m irdro.testing` workers with RANK/WORLD_SIZE/MASTER_* set, and what a
+worker reports back (final consolidated weights, per-step records, an error message). Must not be
+imported by the training path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class RankRun:
+    returncode: int
+    records: list[dict]
+    error: str | None
+    log: str
+
+
+@dataclass
+class Run:
+    ranks: list[RankRun]
+    state_dict: dict[str, torch.Tensor] | None
+
+    @property
+    def records(self) -> list[dict]:
+        return self.ranks[0].records
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = (),
+              timeout: float = 300.0, env: dict | None = None) -> Run:  # fmt: skip
+    """Train `recipe` (a plain dict) on `world_size` local processes and collect the results.
+
+    Args:
+        recipe: the recipe as a dict (validated in the workers).
+        world_size: number of gloo ranks.
+        nan_at: (step, rank) pairs at which that rank's first per-sample loss is made NaN.
+        timeout: seconds before every rank is killed (a hang is a failure, not a stuck test run).
+    """
+    with tempfile.TemporaryDirectory(prefix="irdro-ranks-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"recipe": recipe, "nan_at": [list(x) for x in nan_at], "out": tmp}))
+        port = free_port()
+        procs = []
+        for rank in range(world_size):
+            penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+            logf = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
+            procs.append((subprocess.Popen([sys.executable, "-m", "irdro.testing", str(spec)],
+                                           env=penv, stdout=logf, stderr=subprocess.STDOUT), logf))  # fmt: skip
+        try:
+            for p, _ in procs:
+                p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p, _ in procs:
+                p.kill()
+            raise
+        finally:
+            for _, f in procs:
+                f.close()
+        ranks = []
+        for rank, (p, _) in enumerate(procs):
+            res = Path(tmp) / f"rank{rank}.json"
+            data = json.loads(res.read_text()) if res.exists() else {"records": [], "error": None}
+            ranks.append(RankRun(p.returncode, data["records"], data["error"],
+                                 (Path(tmp) / f"log{rank}.txt").read_text()))  # fmt: skip
+        sd_path = Path(tmp) / "state_dict.pt"
+        sd = torch.load(sd_path) if sd_path.exists() else None
+        return Run(ranks, sd)
+
+
+def _worker(spec_path: str) -> int:
+    from irdro.checkpoint import gathered_state_dict
+    from irdro.config import recipe_from_dict
+    from irdro.engine import init_distributed
+    from irdro.train import setup_logging, train
+
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ["RANK"])
+    nan_at = {tuple(x) for x in spec["nan_at"]}
+
+    def hook(step: int, micro: int, losses: torch.Tensor) -> torch.Tensor:
+        if (step, rank) in nan_at and micro == 0:
+            losses = losses.clone()
+            losses[0] = math.nan
+        return losses
+
+    setup_logging()
+    init_distributed()
+    out = {"records": [], "error": None}
+    code = 0
+    try:
+        result = train(recipe_from_dict(spec["recipe"]), loss_hook=hook if nan_at else None)
+        out["records"] = result.records
+        sd = gathered_state_dict(result.engine)
+        if sd is not None:
+            torch.save(sd, Path(spec["out"]) / "state_dict.pt")
+    except Exception as e:  # reported to the test, which asserts on it
+        out["error"] = f"{type(e).__name__}: {e}"
+        code = 1
+    Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(out, default=float))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

@@ -1,0 +1,278 @@
+"""The training loop: `deepspeed --module irdro.train RECIPE [a.b=value ...]`.
+
+Reads top to bottom: seed -> data -> model -> engine -> loop (step, log, eval, checkpoint) -> save.
+Owns: the order of operations in a step. Must not: call torch.distributed (irdro.dist does), do
+weight math (irdro.reweight) or decide the loss scaling (irdro.normalize).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from irdro import __version__, dist
+from irdro.checkpoint import save as save_checkpoint
+from irdro.config import ConfigError, Recipe, dump_yaml, load_recipe, resolve_ds_config, validate
+from irdro.data import DataError, GlobalOrder, ShardDataset, collate, sample_positions, tokenizer_fingerprint
+from irdro.engine import initialize, init_distributed
+from irdro.metrics import RankZeroLogger
+from irdro.model import load_model, load_tokenizer, per_sample_nll
+from irdro.normalize import Window, backward_scale, reweight_window
+
+log = logging.getLogger("irdro.train")
+
+# Test-only hook: (step, micro, local per-sample losses) -> losses used for weighting/backward.
+LossHook = Callable[[int, int, Tensor], Tensor]
+
+
+@dataclass
+class TrainResult:
+    engine: object
+    steps: int
+    records: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical model init and any sampling stays in lock-step."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Batches:
+    """This rank's micro-batches of optimizer step s, from the deterministic global order."""
+
+    def __init__(self, data: ShardDataset, recipe: Recipe, pad_id: int) -> None:
+        self.data, self.recipe, self.pad_id = data, recipe, pad_id
+        self.order = GlobalOrder(len(data), recipe.seed, shuffle=recipe.data.shuffle)
+
+    def step(self, step: int) -> list[dict[str, Tensor]]:
+        r = self.recipe
+        out = []
+        for micro in range(r.grad_accum_steps):
+            pos = sample_positions(step, micro, dist.dp_rank(), dist.dp_size(), r.grad_accum_steps, r.micro_batch_size)
+            samples = [self.data[int(i)] for i in self.order[pos]]
+            out.append(collate(samples, self.pad_id, r.data.pad_to_multiple_of))
+        return out
+
+
+def forward_losses(engine, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(B,) fp32 per-sample mean NLL and (B,) supervised-token counts of one micro-batch."""
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return per_sample_nll(logits, batch["labels"])
+
+
+def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, step: int,
+               loss_hook: LossHook | None = None) -> dict:  # fmt: skip
+    """One optimizer step: weights per window, `DP (x GA) * sum p_i l_i` backward, engine.step()."""
+    cfg, ga = recipe.reweight, recipe.grad_accum_steps
+    scale = backward_scale(cfg.window, dist.dp_size(), ga)
+    device = engine.device
+
+    def losses_of(m: int, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        losses, counts = forward_losses(engine, batch)
+        return (loss_hook(step, m, losses) if loss_hook else losses), counts
+
+    batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+    windows: list[Window] = []
+    if cfg.window == "step":  # scoring pass: the whole step's losses before the first backward
+        with torch.no_grad():
+            scored = [losses_of(m, b)[0] for m, b in enumerate(batches)]
+        windows.append(reweight_window(
+            torch.stack(scored), torch.stack([b["labels"][:, 1:].ne(-100).any(1) for b in batches]),
+            torch.stack([b["sample_ids"] for b in batches]), cfg, step, scale))  # fmt: skip
+    all_losses, tokens = [], 0
+    for m, batch in enumerate(batches):
+        losses, counts = losses_of(m, batch)
+        if cfg.window == "micro":
+            valid = counts.gt(0)
+            windows.append(reweight_window(losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale))
+        win = windows[-1]
+        coeffs = win.coeffs[0 if cfg.window == "micro" else m].to(device)
+        if win.finite:
+            loss = (coeffs * losses).sum()
+        else:  # NaN gradients make every rank's DeepSpeed discard the step (counted as skipped)
+            loss = losses.sum() * math.nan
+        engine.backward(loss)
+        engine.step()
+        all_losses.append(losses.detach())
+        tokens += int(counts.sum())
+    finite = all(w.finite for w in windows)
+    return {
+        "loss": float(np.mean([w.mean_loss for w in windows])),
+        "weighted_loss": float(np.mean([w.weighted_loss for w in windows])) if finite else math.nan,
+        "ess": float(np.mean([w.ess for w in windows])) if finite else math.nan,
+        "max_weight": float(max(w.max_weight for w in windows)) if finite else math.nan,
+        "local_tokens": tokens,
+        "skipped": int(not engine.was_step_applied()),
+        "windows": windows,
+    }
+
+
+@torch.no_grad()
+def evaluate(engine, data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
+    """Token-weighted held-out NLL over the first `eval.max_batches x B x DP` samples. Every rank
+    runs the same number of forwards (short ranks repeat a sample with zero weight)."""
+    bsz = recipe.eval.micro_batch_size or recipe.micro_batch_size
+    dp, rank = dist.dp_size(), dist.dp_rank()
+    n = min(len(data), recipe.eval.max_batches * bsz * dp)
+    num_batches = math.ceil(n / (bsz * dp))
+    engine.eval()
+    nll = torch.zeros(2, dtype=torch.float64)  # [sum NLL, tokens]
+    for j in range(num_batches):
+        idx = [j * bsz * dp + rank * bsz + i for i in range(bsz)]
+        keep = torch.tensor([i < n for i in idx], dtype=torch.float64)
+        batch = collate([data[min(i, n - 1)] for i in idx], pad_id, recipe.data.pad_to_multiple_of)
+        losses, counts = forward_losses(engine, {k: v.to(engine.device) for k, v in batch.items()})
+        nll += torch.stack([(losses.double().cpu() * counts.cpu() * keep).sum(), (counts.cpu() * keep).sum()])
+    engine.train()
+    total = dist.all_reduce_sum(nll)
+    loss = float(total[0] / total[1].clamp(min=1))
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def check_data(data: ShardDataset, tokenizer, model_vocab: int, key: str) -> None:
+    """Refuse shards made with another tokenizer or with ids the model cannot embed."""
+    manifest = data.manifest
+    want = tokenizer_fingerprint(tokenizer)
+    got = manifest.get("tokenizer", {}).get("hash")
+    if got != want:
+        raise ConfigError(
+            f"{key}: shards were tokenised with {manifest.get('tokenizer', {}).get('name')} "
+            f"(hash {str(got)[:12]}) but the model's tokenizer is {tokenizer.name_or_path} "
+            f"(hash {want[:12]}); re-run tools/prepare_data.py with the model's tokenizer"
+        )
+    if manifest["vocab_size"] > model_vocab:
+        raise ConfigError(f"{key}: shard vocab {manifest['vocab_size']} > model vocab {model_vocab}")
+
+
+def write_run_files(recipe: Recipe, ds_config: dict) -> None:
+    """recipe.yaml (resolved) and ds_config.json in the run directory, each written atomically."""
+    if not dist.is_main():
+        return
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("recipe.yaml", dump_yaml(recipe)), ("ds_config.json", json.dumps(ds_config, indent=2))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+
+
+def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
+    """Train `recipe` on the already-initialised process group; returns the engine for callers."""
+    dp = dist.dp_size()
+    validate(recipe, world_size=dp)
+    seed_everything(recipe.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_data = ShardDataset(recipe.data.train)
+    eval_data = ShardDataset(recipe.data.eval) if recipe.data.eval else None
+    for d in (train_data, eval_data):
+        if d is not None and recipe.data.verify_checksums:
+            d.verify()
+
+    ds_config = resolve_ds_config(recipe, dp)
+    model = load_model(recipe.model, ds_config)
+    check_data(train_data, tokenizer, model.config.vocab_size, "data.train")
+    if eval_data is not None:
+        check_data(eval_data, tokenizer, model.config.vocab_size, "data.eval")
+    engine = initialize(recipe, model, ds_config)
+    write_run_files(recipe, ds_config)
+    logger = RankZeroLogger(recipe.output_dir, total_steps=recipe.max_steps,
+                            tensorboard=recipe.log.tensorboard, progress=recipe.log.progress)  # fmt: skip
+    batches = Batches(train_data, recipe, pad_id)
+    result = TrainResult(engine=engine, steps=0)
+    if eval_data is not None:
+        logger.log({"step": 0, **evaluate(engine, eval_data, recipe, pad_id)})
+
+    consecutive_skips = 0
+    for step in range(recipe.max_steps):
+        t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
+        stats = train_step(engine, batches.step(step), recipe, step, loss_hook)
+        tokens = int(dist.all_reduce_sum(torch.tensor([stats.pop("local_tokens")], dtype=torch.float64)).item())
+        windows = stats.pop("windows")
+        consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
+        done = step + 1
+        grad_norm = engine.get_global_grad_norm()
+        record = {"step": done, "lr": lr, **stats, "tokens": tokens,
+                  "tokens_per_s": tokens / (time.perf_counter() - t0),
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None}  # fmt: skip
+        if eval_data is not None and ((recipe.eval.every and done % recipe.eval.every == 0) or done == recipe.max_steps):
+            record.update(evaluate(engine, eval_data, recipe, pad_id))
+        if done % recipe.log.every == 0 or done == recipe.max_steps or "eval_loss" in record:
+            logger.log(record)
+            logger.histogram("weights", windows[-1].weights, done)
+        logger.progress(done, loss=stats["loss"], ess=stats["ess"], tok_s=record["tokens_per_s"])
+        result.records.append(record)
+        result.steps = done
+        if consecutive_skips >= recipe.max_consecutive_skips:
+            raise RuntimeError(f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
+                               f"(last at step {done}); lower optim.lr or check the data")  # fmt: skip
+        if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < recipe.max_steps:
+            save_checkpoint(engine, recipe.output_dir, done, client_state(recipe, done, dp))
+    if recipe.checkpoint.at_end:
+        save_checkpoint(engine, recipe.output_dir, result.steps, client_state(recipe, result.steps, dp))
+    logger.close()
+    return result
+
+
+def client_state(recipe: Recipe, step: int, dp: int) -> dict:
+    """Resume state stored in every checkpoint next to DeepSpeed's own."""
+    return {"step": step, "consumed_samples": step * recipe.global_batch(dp), "world_size": dp,
+            "recipe": recipe.to_dict(), "irdro_version": __version__}  # fmt: skip
+
+
+def setup_logging() -> None:
+    # DeepSpeed calls collectives torch has renamed; the warning repeats every step and says nothing to users.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not os.environ.get("IRDRO_DS_VERBOSE"):
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="deepspeed [--num_gpus N] --module irdro.train",
+        description="Train a recipe: deepspeed --num_gpus 2 --module irdro.train RECIPE [a.b=value ...]",
+    )
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        init_distributed()
+        train(recipe)
+    except (ConfigError, DataError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {args.recipe}: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if str(e).startswith("aborting:"):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

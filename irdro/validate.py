@@ -1,0 +1,42 @@
+"""`python -m irdro.validate RECIPE [a.b=value ...] [--world-size N]`: print the resolved recipe and
+DeepSpeed JSON, or exit 2 with a one-line error naming the dotted key. Imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from irdro.config import ConfigError, dump_yaml, load_recipe, resolve_ds_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m irdro.validate",
+        description="Check a recipe: print the resolved recipe and the DeepSpeed JSON it launches with.",
+    )
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/cpu_smoke.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="data-parallel size to check the batch arithmetic for (default: $WORLD_SIZE or 1)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
+        ds = resolve_ds_config(recipe, args.world_size)
+    except ConfigError as e:
+        print(f"error: {args.recipe}: {e}", file=sys.stderr)
+        return 2
+    print(f"# resolved recipe ({args.recipe}, world size {args.world_size})")
+    print(dump_yaml(recipe), end="")
+    print("# DeepSpeed JSON")
+    print(json.dumps(ds, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Strict recipes: unknown keys, wrong types, bad choices and batch arithmetic name the dotted key."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from irdro.config import ConfigError, load_recipe, recipe_from_dict, resolve_ds_config
+
+BASE = {
+    "output_dir": "runs/x",
+    "model": {"config": {"model_type": "llama"}, "tokenizer": "tok"},
+    "data": {"train": "data/x"},
+}
+
+
+def write(tmp_path, raw, name="r.yaml"):
+    import yaml
+
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def test_defaults_and_overrides_coerce_types(tmp_path):
+    r = load_recipe(write(tmp_path, BASE), ["optim.lr=1e-5", "max_steps=7", "reweight.scheme=irdro",
+                                           "optim.betas=[0.9, 0.99]", "reweight.lam=2"])  # fmt: skip
+    assert r.optim.lr == 1e-5 and isinstance(r.optim.lr, float)  # YAML reads 1e-5 as a string
+    assert r.max_steps == 7 and r.reweight.lam == 2.0 and r.optim.betas == (0.9, 0.99)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("reweight.lamm=2", "unknown key reweight.lamm; did you mean reweight.lam"),
+        ("optimm.lr=2", "unknown key optimm; did you mean optim"),
+        ("reweight.scheme=irdo", "did you mean irdro"),
+        ("reweight.window=steps", "did you mean step"),
+        ("max_steps=abc", "max_steps: expected an integer"),
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing: expected true/false"),
+        ("reweight.lam=0", "reweight.lam: must be a finite number > 0"),
+        ("reweight.trim_top=1.0", "reweight.trim_top"),
+        ("reweight.frac=0", "reweight.frac"),
+        ("model.path=somewhere", "model.path: set exactly one"),
+        ("model.dtype=fp16", "model.dtype: 'fp16' is not one of fp32, bf16"),
+    ],
+)
+def test_errors_name_the_dotted_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_recipe(write(tmp_path, BASE), [override])
+
+
+def test_midrank_empty_band_is_a_config_error_at_load(tmp_path):
+    over = ["reweight.scheme=midrank", "reweight.frac=0.2", "micro_batch_size=2"]
+    with pytest.raises(ConfigError, match="reweight.frac: MidRanking band is empty"):
+        load_recipe(write(tmp_path, BASE), over, world_size=2)
+    load_recipe(write(tmp_path, BASE), [*over, "reweight.window=step", "grad_accum_steps=2"], world_size=2)
+    with pytest.raises(ConfigError, match="reweight.portion"):
+        load_recipe(write(tmp_path, BASE), ["reweight.scheme=midrank", "reweight.frac=0.5",
+                                            "reweight.portion=2", "micro_batch_size=4"], world_size=1)  # fmt: skip
+
+
+def test_global_batch_is_checked_against_world_size(tmp_path):
+    over = ["micro_batch_size=2", "grad_accum_steps=3", "global_batch_size=12"]
+    load_recipe(write(tmp_path, BASE), over, world_size=2)
+    with pytest.raises(ConfigError, match=r"global_batch_size: 12 != .* = 6"):
+        load_recipe(write(tmp_path, BASE), over, world_size=1)
+
+
+def test_ds_json_merge_fills_recipe_keys(tmp_path):
+    r = recipe_from_dict({**BASE, "micro_batch_size": 3, "grad_accum_steps": 2, "optim": {"grad_clip": 0.5},
+                          "ds_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}})  # fmt: skip
+    ds = resolve_ds_config(r, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"train_batch_size": 8}, "sets 'train_batch_size', which the recipe owns"),
+        ({"optimizer": {"type": "AdamW"}}, "sets 'optimizer'"),
+        ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}, r"zero_optimization.reduce_bucket_size = \"auto\""),
+        ({"bf16": {"enabled": True}}, "model.dtype: fp32 but"),
+        ({"fp16": {"enabled": True}}, "fp16 is not supported"),
+    ],
+)
+def test_ds_json_that_sets_owned_keys_or_auto_is_refused(tmp_path, content, message):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(content))
+    r = recipe_from_dict({**BASE, "ds_config": str(p)})
+    with pytest.raises(ConfigError, match=message):
+        resolve_ds_config(r, 1)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_recipe(bad)
+    (tmp_path / "ds.json").write_text("{oops")
+    with pytest.raises(ConfigError, match=r"ds.json:1: invalid JSON"):
+        resolve_ds_config(recipe_from_dict({**BASE, "ds_config": str(tmp_path / "ds.json")}), 1)
+
+
+def test_to_dict_round_trips():
+    r = recipe_from_dict({**BASE, "reweight": {"scheme": "irdro", "lam": 0.5}})
+    assert recipe_from_dict(r.to_dict()) == r
+
+
+def test_validate_cli_rejects_typo_with_the_key(tmp_path):
+    p = write(tmp_path, BASE)
+    out = subprocess.run([sys.executable, "-m", "irdro.validate", str(p), "reweight.lamm=2"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2
+    assert "reweight.lamm" in out.stderr and "did you mean reweight.lam" in out.stderr
+    assert "Traceback" not in out.stderr
+    ok = subprocess.run([sys.executable, "-m", "irdro.validate", str(p), "--world-size", "2"],
+                        capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert '"train_batch_size": 2' in ok.stdout
