@@ -1,0 +1,72 @@
+"""Fixtures for multi-rank tests: a saved tiny model (identical init for every run) and shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TINY_LLAMA = dict(
+    model_type="llama", vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256,
+)  # fmt: skip
+
+
+def save_tiny_model(path: Path, **overrides) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_LLAMA, **overrides)
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def sonnet_shards(tmp_path_factory, gpt2_tokenizer_dir, sonnets_jsonl) -> Path:
+    from irdro.data import prepare_text
+
+    out = tmp_path_factory.mktemp("shards") / "sonnets"
+    prepare_text([str(sonnets_jsonl)], str(gpt2_tokenizer_dir), str(out), seq_len=48,
+                 eval_fraction=0.1, seed=0, progress=False)  # fmt: skip
+    assert json.loads((out / "train" / "manifest.json").read_text())["num_samples"] > 100
+    return out
+
+
+@pytest.fixture
+def base_recipe(tmp_path, tiny_model_dir, gpt2_tokenizer_dir, sonnet_shards):
+    """A 3-step SGD recipe on the tiny model; tests override what they compare."""
+
+    def make(**kw) -> dict:
+        r = {
+            "output_dir": str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"),
+            "seed": 0,
+            "max_steps": 3,
+            "micro_batch_size": 4,
+            "grad_accum_steps": 1,
+            "ds_config": "ds_configs/zero3_fp32.json",
+            "ds_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+            "model": {"path": str(tiny_model_dir), "tokenizer": str(gpt2_tokenizer_dir), "attention": "sdpa"},
+            "data": {"train": str(sonnet_shards / "train")},
+            "reweight": {"scheme": "irdro", "lam": 0.5, "window": "step"},
+            "optim": {"name": "sgd", "lr": 0.5, "grad_clip": 0.0, "scheduler": "constant"},
+            "checkpoint": {"at_end": False},
+            "log": {"tensorboard": False, "progress": False},
+        }
+        for key, value in kw.items():
+            node = r
+            *parents, leaf = key.split("__")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return r
+
+    return make
