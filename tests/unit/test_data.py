@@ -1,0 +1,341 @@
+"""Shard format, reader, writer, global order and collate (irdro.data); no tokenizer needed."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_samples, write_shards
+
+from irdro.data import (
+    MANIFEST_NAME,
+    DataError,
+    GlobalOrder,
+    Sample,
+    ShardDataset,
+    ShardWriter,
+    collate,
+    sample_positions,
+    split_into_chunks,
+)
+
+
+def _writer(path: Path, **kw) -> ShardWriter:
+    args = dict(
+        vocab_size=1000,
+        tokenizer_name="t",
+        tokenizer_hash="h",
+        seq_len=64,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return ShardWriter(path, **{**args, **kw})
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_over_several_shards(tmp_path: Path) -> None:
+    samples = random_samples(60, seed=1)
+    chunk_ids = [i % 3 for i in range(60)]
+    with _writer(tmp_path / "ds", shard_tokens=200) as w:
+        for i, s in enumerate(samples):
+            w.add(s, doc_id=i // 3, chunk_id=chunk_ids[i])
+        manifest = w.finalize()
+
+    ds = ShardDataset(tmp_path / "ds")
+    assert len(ds) == 60 == manifest["num_samples"] == ds.manifest["num_samples"]
+    assert len(manifest["shards"]) > 1
+    assert all(s["num_tokens"] <= 200 for s in manifest["shards"])
+    assert manifest["num_tokens"] == sum(len(s) for s in samples)
+    assert manifest["num_docs"] == 20
+    assert manifest["dtype"] == "uint16"
+    for i, s in enumerate(samples):
+        got = ds[i]
+        assert got.sample_id == i
+        assert got.input_ids.dtype == np.int64 and got.labels.dtype == np.int64
+        np.testing.assert_array_equal(got.input_ids, s)
+        np.testing.assert_array_equal(got.labels, s)
+        assert (got.doc_id, got.chunk_id) == (i // 3, chunk_ids[i])
+    assert ds[-1].sample_id == 59
+    with pytest.raises(IndexError):
+        ds[60]
+    ds.verify()
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "dtype", "top_id"), [(65536, "uint16", 65535), (65537, "uint32", 65536)]
+)
+def test_dtype_follows_vocab_size(tmp_path: Path, vocab_size: int, dtype: str, top_id: int) -> None:
+    write_shards(tmp_path / "ds", [[0, top_id, 7]], vocab_size=vocab_size)
+    ds = ShardDataset(tmp_path / "ds")
+    assert ds.manifest["dtype"] == dtype
+    assert np.load(tmp_path / "ds" / "shard_00000.tokens.npy").dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(ds[0].input_ids, [0, top_id, 7])
+
+
+def test_mask_read_path(tmp_path: Path) -> None:
+    # lengths not multiples of 8, so masks straddle packed bytes
+    samples = [np.arange(5), np.arange(11), np.arange(3), np.arange(13)]
+    masks = [
+        np.array([0, 0, 1, 1, 1], bool),
+        None,
+        np.array([1, 0, 1], bool),
+        np.arange(13) % 3 == 0,
+    ]
+    write_shards(tmp_path / "ds", samples, masks=masks)
+    ds = ShardDataset(tmp_path / "ds")
+    assert "mask.npy" in ds.manifest["shards"][0]["sha256"]
+    for i, (s, m) in enumerate(zip(samples, masks, strict=True)):
+        expected = s if m is None else np.where(m, s, -100)
+        np.testing.assert_array_equal(ds[i].labels, expected)
+        np.testing.assert_array_equal(ds[i].input_ids, s)
+    ds.verify()
+
+
+def test_no_mask_file_means_all_supervised(tmp_path: Path) -> None:
+    write_shards(tmp_path / "ds", [[1, 2, 3]])
+    assert not (tmp_path / "ds" / "shard_00000.mask.npy").exists()
+    np.testing.assert_array_equal(ShardDataset(tmp_path / "ds")[0].labels, [1, 2, 3])
+
+
+def test_empty_dataset_round_trip(tmp_path: Path) -> None:
+    manifest = _writer(tmp_path / "ds").finalize()
+    assert manifest["num_samples"] == 0 and manifest["shards"] == []
+    assert len(ShardDataset(tmp_path / "ds")) == 0
+
+
+def test_pickle_does_not_copy_the_data(tmp_path: Path) -> None:
+    write_shards(tmp_path / "ds", random_samples(200, max_len=200))
+    ds = ShardDataset(tmp_path / "ds")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 10_000
+    np.testing.assert_array_equal(pickle.loads(blob)[123].input_ids, ds[123].input_ids)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def test_verify_detects_a_corrupted_shard(tmp_path: Path) -> None:
+    write_shards(tmp_path / "ds", random_samples(10))
+    tokens = tmp_path / "ds" / "shard_00000.tokens.npy"
+    raw = bytearray(tokens.read_bytes())
+    raw[-1] ^= 0xFF  # same size, different content
+    tokens.write_bytes(bytes(raw))
+    ds = ShardDataset(tmp_path / "ds")  # opening only checks sizes
+    with pytest.raises(DataError, match="shard_00000.tokens.npy.*sha256"):
+        ds.verify()
+
+
+def test_truncated_shard_is_refused_on_open(tmp_path: Path) -> None:
+    write_shards(tmp_path / "ds", random_samples(10))
+    tokens = tmp_path / "ds" / "shard_00000.tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-4])
+    with pytest.raises(DataError, match="shard_00000.tokens.npy"):
+        ShardDataset(tmp_path / "ds")
+
+
+def test_missing_dataset_points_to_prepare_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="prepare_data.py"):
+        ShardDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"manifest.json.*prepare_data.py"):
+        ShardDataset(tmp_path / "empty")
+
+
+def test_split_parent_dir_names_the_split(tmp_path: Path) -> None:
+    write_shards(tmp_path / "ds" / "train", [[1, 2]])
+    with pytest.raises(DataError, match=r"ds/train"):
+        ShardDataset(tmp_path / "ds")
+
+
+def test_missing_shard_file_and_bad_version(tmp_path: Path) -> None:
+    write_shards(tmp_path / "ds", [[1, 2]])
+    index = tmp_path / "ds" / "shard_00000.index.npy"
+    saved = index.read_bytes()
+    index.unlink()
+    with pytest.raises(DataError, match="shard_00000.index.npy is missing"):
+        ShardDataset(tmp_path / "ds")
+    index.write_bytes(saved)
+    manifest_file = tmp_path / "ds" / MANIFEST_NAME
+    manifest = json.loads(manifest_file.read_text())
+    manifest["format_version"] = 2
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="format_version 2"):
+        ShardDataset(tmp_path / "ds")
+
+
+def test_out_of_range_token_id(tmp_path: Path) -> None:
+    with _writer(tmp_path / "ds", vocab_size=100) as w:
+        with pytest.raises(DataError, match=r"token id 100 is outside the vocabulary \[0, 100\)"):
+            w.add([1, 100], doc_id=0, chunk_id=0)
+        with pytest.raises(DataError, match="token id -1"):
+            w.add(np.array([-1, 5]), doc_id=0, chunk_id=0)
+
+
+# ----------------------------------------------------------------------------- output handling
+
+
+def test_non_empty_output_refused_without_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(DataError, match="not empty.*--overwrite"):
+        _writer(out)
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_overwrite_keeps_old_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_shards(out, [[1, 2, 3]])
+    with pytest.raises(RuntimeError, match="boom"):
+        with _writer(out, overwrite=True) as w:
+            w.add([4, 5, 6, 7], doc_id=0, chunk_id=0)
+            raise RuntimeError("boom")
+    np.testing.assert_array_equal(ShardDataset(out)[0].input_ids, [1, 2, 3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dir left behind
+
+    write_shards(out, [[4, 5, 6, 7]], overwrite=True)
+    np.testing.assert_array_equal(ShardDataset(out)[0].input_ids, [4, 5, 6, 7])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unfinalized_writer_leaves_nothing(tmp_path: Path) -> None:
+    with _writer(tmp_path / "out") as w:
+        w.add([1, 2], doc_id=0, chunk_id=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_skip_counts(tmp_path: Path) -> None:
+    with _writer(tmp_path / "out") as w:
+        w.add([1, 2], doc_id=0, chunk_id=0)
+        w.skip("empty")
+        w.skip("empty")
+        w.skip("odd")
+        manifest = w.finalize()
+    assert manifest["num_skipped"] == {"empty": 2, "too_short": 0, "odd": 1}
+
+
+# ----------------------------------------------------------------------------- chunks
+
+
+@pytest.mark.parametrize(
+    ("length", "lengths"),
+    [(0, []), (1, []), (2, [2]), (4, [4]), (5, [4]), (6, [4, 2]), (8, [4, 4]), (9, [4, 4])],
+)
+def test_split_into_chunks(length: int, lengths: list[int]) -> None:
+    tokens = list(range(length))
+    chunks = split_into_chunks(tokens, seq_len=4)
+    assert [len(c) for c in chunks] == lengths
+    assert all(c.dtype == np.int64 for c in chunks)
+    if chunks:
+        np.testing.assert_array_equal(np.concatenate(chunks), tokens[: sum(lengths)])
+
+
+def test_split_into_chunks_rejects_tiny_seq_len() -> None:
+    with pytest.raises(ValueError):
+        split_into_chunks([1, 2, 3], seq_len=1)
+
+
+# ----------------------------------------------------------------------------- global order
+
+
+def test_global_order_is_a_fresh_permutation_each_epoch() -> None:
+    n = 37
+    order = GlobalOrder(n, seed=3)
+    epochs = [order[np.arange(e * n, (e + 1) * n)] for e in range(3)]
+    for e in epochs:
+        assert sorted(e.tolist()) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[1], epochs[2])
+    rng = np.random.Generator(np.random.PCG64([3, 1]))
+    np.testing.assert_array_equal(epochs[1], rng.permutation(n))
+
+
+def test_global_order_is_deterministic_and_stateless() -> None:
+    positions = np.array([5, 1000, 3, 77, 999, 0, 5])
+    a = GlobalOrder(100, seed=7)[positions]
+    # a fresh instance reading in another order (as after a resume) agrees
+    b = GlobalOrder(100, seed=7)
+    np.testing.assert_array_equal(b[positions[::-1]][::-1], a)
+    assert b[positions].dtype == np.int64
+    everything = np.arange(100)
+    assert not np.array_equal(GlobalOrder(100, seed=8)[everything], b[everything])
+
+
+def test_global_order_without_shuffle_is_identity() -> None:
+    np.testing.assert_array_equal(
+        GlobalOrder(4, seed=0, shuffle=False)[np.arange(10)], np.arange(10) % 4
+    )
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+@pytest.mark.parametrize(("dp", "ga", "b"), [(1, 1, 3), (2, 3, 4), (4, 2, 1)])
+def test_sample_positions_cover_a_step_exactly_once(dp: int, ga: int, b: int) -> None:
+    step = 5
+    g = dp * ga * b
+    got = np.concatenate(
+        [sample_positions(step, m, r, dp, ga, b) for m in range(ga) for r in range(dp)]
+    )
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(np.sort(got), np.arange(step * g, (step + 1) * g))
+
+
+def test_sample_positions_step_batch_independent_of_dp_ga_split() -> None:
+    def step_set(dp: int, ga: int, b: int) -> set[int]:
+        pos = [sample_positions(2, m, r, dp, ga, b) for m in range(ga) for r in range(dp)]
+        return set(np.concatenate(pos).tolist())
+
+    assert step_set(1, 4, 2) == step_set(2, 2, 2) == step_set(4, 1, 2) == step_set(2, 1, 4)
+
+
+def test_sample_positions_rejects_bad_rank() -> None:
+    with pytest.raises(ValueError):
+        sample_positions(0, 0, 2, 2, 1, 1)
+
+
+# ----------------------------------------------------------------------------- collate
+
+
+def _sample(i: int, ids: list[int], labels: list[int] | None = None) -> Sample:
+    arr = np.array(ids, dtype=np.int64)
+    lab = arr.copy() if labels is None else np.array(labels, dtype=np.int64)
+    return Sample(sample_id=i, input_ids=arr, labels=lab, doc_id=i, chunk_id=0)
+
+
+def test_collate_pads_right_to_multiple() -> None:
+    batch = collate(
+        [_sample(10, [1, 2, 3]), _sample(11, [4, 5, 6, 7, 8], [-100, -100, 6, 7, 8])], pad_id=0
+    )
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "sample_ids"}
+    assert all(t.dtype == torch.int64 for t in batch.values())
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, 0, 0, 0, 0, 0]
+    assert batch["labels"][0].tolist() == [1, 2, 3] + [-100] * 5
+    assert batch["labels"][1].tolist() == [-100, -100, 6, 7, 8, -100, -100, -100]
+    assert batch["attention_mask"].tolist() == [[1] * 3 + [0] * 5, [1] * 5 + [0] * 3]
+    assert batch["sample_ids"].tolist() == [10, 11]
+
+
+def test_collate_without_rounding_and_custom_pad() -> None:
+    batch = collate([_sample(0, [1, 2]), _sample(1, [3, 4, 5])], pad_id=99, pad_to_multiple_of=1)
+    assert batch["input_ids"].tolist() == [[1, 2, 99], [3, 4, 5]]
+    assert batch["labels"].tolist() == [[1, 2, -100], [3, 4, 5]]
+
+
+def test_collate_reads_dataset_samples(tmp_path: Path) -> None:
+    write_shards(
+        tmp_path / "ds", [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], masks=[None, np.arange(9) > 4]
+    )
+    ds = ShardDataset(tmp_path / "ds")
+    batch = collate([ds[1], ds[0]], pad_id=0)
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["labels"][0, :9].tolist() == [-100] * 5 + [9, 10, 11, 12]
+    assert batch["sample_ids"].tolist() == [1, 0]
