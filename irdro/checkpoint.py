@@ -33,7 +33,9 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict) -> str:
         client_state: extra resume state (must hold the resolved recipe and the step).
     """
     tag = tag_for(step)
-    engine.save_checkpoint(str(Path(output_dir) / CHECKPOINT_DIR), tag=tag, client_state=client_state)
+    engine.save_checkpoint(
+        str(Path(output_dir) / CHECKPOINT_DIR), tag=tag, client_state=client_state
+    )
     dist.barrier()
     log.info("checkpoint %s saved", tag)
     return tag

@@ -179,7 +179,9 @@ class Recipe:
 
     def window_size(self, dp: int) -> int:
         """Samples in one reweighting window over `dp` data-parallel ranks."""
-        per_rank = self.micro_batch_size * (self.grad_accum_steps if self.reweight.window == "step" else 1)
+        per_rank = self.micro_batch_size * (
+            self.grad_accum_steps if self.reweight.window == "step" else 1
+        )
         return per_rank * dp
 
     def to_dict(self) -> dict:
@@ -214,7 +216,9 @@ def load_recipe(
             where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
             raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+            raise ConfigError(
+                f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}"
+            )
     raw = apply_overrides(raw, overrides)
     recipe = _build(Recipe, raw, "")
     validate(recipe, world_size)
@@ -266,7 +270,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown:
         key = str(unknown[0])
         close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
+        hint = (
+            f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
+        )
         raise ConfigError(f"unknown key {prefix}{key}{hint}")
     kwargs = {}
     for name, value in raw.items():
@@ -333,7 +339,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this module
 
 
@@ -356,7 +364,11 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     )
     if m.config is not None:
         _check("model_type" in m.config, "model.config.model_type", "required in an inline config")
-    _check(m.tokenizer is not None or m.path is not None, "model.tokenizer", "required with model.config")
+    _check(
+        m.tokenizer is not None or m.path is not None,
+        "model.tokenizer",
+        "required with model.config",
+    )
     _check(bool(r.data.train), "data.train", "required (a shard dir from tools/prepare_data.py)")
     _check(r.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1")
 
@@ -365,7 +377,11 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         close = difflib.get_close_matches(w.scheme, SCHEMES, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"reweight.scheme: {w.scheme!r} is not one of {', '.join(SCHEMES)}{hint}")
-    _check(w.lam > 0 and math.isfinite(w.lam), "reweight.lam", f"must be a finite number > 0, got {w.lam}")
+    _check(
+        w.lam > 0 and math.isfinite(w.lam),
+        "reweight.lam",
+        f"must be a finite number > 0, got {w.lam}",
+    )
     _check(0.0 <= w.trim_top < 1.0, "reweight.trim_top", f"must be in [0, 1), got {w.trim_top}")
     _check(0.0 < w.frac <= 1.0, "reweight.frac", f"must be in (0, 1], got {w.frac}")
     _check(w.portion >= 0, "reweight.portion", f"must be >= 0, got {w.portion}")
@@ -476,7 +492,9 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
                 )
         auto = _find_auto(cfg, "")
         if auto:
-            raise ConfigError(f"ds_config: {source} sets {auto} = \"auto\"; irdro needs explicit values")
+            raise ConfigError(
+                f'ds_config: {source} sets {auto} = "auto"; irdro needs explicit values'
+            )
     ds = _deep_merge(base, r.ds_overrides)
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError("ds_config: fp16 is not supported (use bf16 or fp32)")
@@ -491,7 +509,9 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
     ds["gradient_accumulation_steps"] = r.grad_accum_steps
     ds["train_batch_size"] = r.global_batch(world_size)
     ds["gradient_clipping"] = r.optim.grad_clip
-    if r.optim.name == "sgd":  # a client optimizer DeepSpeed has no own test for; ZeRO handles it fine
+    if (
+        r.optim.name == "sgd"
+    ):  # a client optimizer DeepSpeed has no own test for; ZeRO handles it fine
         ds["zero_allow_untested_optimizer"] = True
     return ds
 

@@ -74,7 +74,9 @@ def all_reduce_max(t: Tensor) -> Tensor:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any DP rank. Call on every rank."""
-    return bool(all_reduce_max(torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)).item() > 0)
+    return bool(
+        all_reduce_max(torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)).item() > 0
+    )
 
 
 def barrier() -> None:

@@ -39,7 +39,9 @@ def build_optimizer(params, cfg: OptimConfig, ds_config: dict) -> torch.optim.Op
     """AdamW (DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on GPU) or SGD."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -47,7 +47,10 @@ class RankZeroLogger:
         """Append one JSON line (non-finite floats become null) and mirror scalars to TensorBoard."""
         if not self.active:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         self._file.write(json.dumps(clean) + "\n")
         if self._tb is not None:
             step = int(record.get("step", 0))

@@ -78,7 +78,10 @@ def load_model(cfg: ModelConfig, ds_config: dict):
         if not path.is_dir():
             raise ConfigError(f"model.path: not a directory: {cfg.path}")
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+            str(path),
+            dtype=dtype,
+            attn_implementation=attn,
+            trust_remote_code=cfg.trust_remote_code,
         )
     else:
         inline = dict(cfg.config or {})
@@ -88,7 +91,10 @@ def load_model(cfg: ModelConfig, ds_config: dict):
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model.config: {e}") from None
         model = AutoModelForCausalLM.from_config(
-            hf_config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+            hf_config,
+            dtype=dtype,
+            attn_implementation=attn,
+            trust_remote_code=cfg.trust_remote_code,
         )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -49,12 +49,16 @@ def compute_weights(losses: Tensor, scheme: str, **params: float) -> Tensor:
         ValueError: unknown scheme, empty or non-finite losses, or an empty MidRanking band.
     """
     if scheme not in _REGISTRY:
-        raise ValueError(f"unknown reweighting scheme {scheme!r}; registered: {', '.join(_REGISTRY)}")
+        raise ValueError(
+            f"unknown reweighting scheme {scheme!r}; registered: {', '.join(_REGISTRY)}"
+        )
     if losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(f"losses must be a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
     losses = losses.detach().float()
     if not torch.isfinite(losses).all():
-        raise ValueError("losses contain non-finite values; the step must be skipped, not reweighted")
+        raise ValueError(
+            "losses contain non-finite values; the step must be skipped, not reweighted"
+        )
     return _REGISTRY[scheme](losses, **params)
 
 

@@ -56,7 +56,9 @@ def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = 
     """
     with tempfile.TemporaryDirectory(prefix="irdro-ranks-") as tmp:
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"recipe": recipe, "nan_at": [list(x) for x in nan_at], "out": tmp}))
+        spec.write_text(
+            json.dumps({"recipe": recipe, "nan_at": [list(x) for x in nan_at], "out": tmp})
+        )
         port = free_port()
         procs = []
         for rank in range(world_size):

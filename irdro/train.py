@@ -27,8 +27,15 @@ from torch import Tensor
 from irdro import __version__, dist
 from irdro.checkpoint import save as save_checkpoint
 from irdro.config import ConfigError, Recipe, dump_yaml, load_recipe, resolve_ds_config, validate
-from irdro.data import DataError, GlobalOrder, ShardDataset, collate, sample_positions, tokenizer_fingerprint
-from irdro.engine import initialize, init_distributed
+from irdro.data import (
+    DataError,
+    GlobalOrder,
+    ShardDataset,
+    collate,
+    sample_positions,
+    tokenizer_fingerprint,
+)
+from irdro.engine import init_distributed, initialize
 from irdro.metrics import RankZeroLogger
 from irdro.model import load_model, load_tokenizer, per_sample_nll
 from irdro.normalize import Window, backward_scale, reweight_window
@@ -64,7 +71,9 @@ class Batches:
         r = self.recipe
         out = []
         for micro in range(r.grad_accum_steps):
-            pos = sample_positions(step, micro, dist.dp_rank(), dist.dp_size(), r.grad_accum_steps, r.micro_batch_size)
+            pos = sample_positions(
+                step, micro, dist.dp_rank(), dist.dp_size(), r.grad_accum_steps, r.micro_batch_size
+            )
             samples = [self.data[int(i)] for i in self.order[pos]]
             out.append(collate(samples, self.pad_id, r.data.pad_to_multiple_of))
         return out
@@ -100,7 +109,11 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
         losses, counts = losses_of(m, batch)
         if cfg.window == "micro":
             valid = counts.gt(0)
-            windows.append(reweight_window(losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale))
+            windows.append(
+                reweight_window(
+                    losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale
+                )
+            )
         win = windows[-1]
         coeffs = win.coeffs[0 if cfg.window == "micro" else m].to(device)
         if win.finite:
@@ -138,7 +151,9 @@ def evaluate(engine, data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
         keep = torch.tensor([i < n for i in idx], dtype=torch.float64)
         batch = collate([data[min(i, n - 1)] for i in idx], pad_id, recipe.data.pad_to_multiple_of)
         losses, counts = forward_losses(engine, {k: v.to(engine.device) for k, v in batch.items()})
-        nll += torch.stack([(losses.double().cpu() * counts.cpu() * keep).sum(), (counts.cpu() * keep).sum()])
+        nll += torch.stack(
+            [(losses.double().cpu() * counts.cpu() * keep).sum(), (counts.cpu() * keep).sum()]
+        )
     engine.train()
     total = dist.all_reduce_sum(nll)
     loss = float(total[0] / total[1].clamp(min=1))
@@ -157,7 +172,9 @@ def check_data(data: ShardDataset, tokenizer, model_vocab: int, key: str) -> Non
             f"(hash {want[:12]}); re-run tools/prepare_data.py with the model's tokenizer"
         )
     if manifest["vocab_size"] > model_vocab:
-        raise ConfigError(f"{key}: shard vocab {manifest['vocab_size']} > model vocab {model_vocab}")
+        raise ConfigError(
+            f"{key}: shard vocab {manifest['vocab_size']} > model vocab {model_vocab}"
+        )
 
 
 def write_run_files(recipe: Recipe, ds_config: dict) -> None:
@@ -166,7 +183,10 @@ def write_run_files(recipe: Recipe, ds_config: dict) -> None:
         return
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("recipe.yaml", dump_yaml(recipe)), ("ds_config.json", json.dumps(ds_config, indent=2))):
+    for name, text in (
+        ("recipe.yaml", dump_yaml(recipe)),
+        ("ds_config.json", json.dumps(ds_config, indent=2)),
+    ):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
@@ -178,7 +198,9 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
     validate(recipe, world_size=dp)
     seed_everything(recipe.seed)
     tokenizer = load_tokenizer(recipe.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     train_data = ShardDataset(recipe.data.train)
     eval_data = ShardDataset(recipe.data.eval) if recipe.data.eval else None
     for d in (train_data, eval_data):
@@ -203,7 +225,11 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
     for step in range(recipe.max_steps):
         t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
         stats = train_step(engine, batches.step(step), recipe, step, loss_hook)
-        tokens = int(dist.all_reduce_sum(torch.tensor([stats.pop("local_tokens")], dtype=torch.float64)).item())
+        tokens = int(
+            dist.all_reduce_sum(
+                torch.tensor([stats.pop("local_tokens")], dtype=torch.float64)
+            ).item()
+        )
         windows = stats.pop("windows")
         consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
         done = step + 1
@@ -211,7 +237,9 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
         record = {"step": done, "lr": lr, **stats, "tokens": tokens,
                   "tokens_per_s": tokens / (time.perf_counter() - t0),
                   "grad_norm": float(grad_norm) if grad_norm is not None else None}  # fmt: skip
-        if eval_data is not None and ((recipe.eval.every and done % recipe.eval.every == 0) or done == recipe.max_steps):
+        if eval_data is not None and (
+            (recipe.eval.every and done % recipe.eval.every == 0) or done == recipe.max_steps
+        ):
             record.update(evaluate(engine, eval_data, recipe, pad_id))
         if done % recipe.log.every == 0 or done == recipe.max_steps or "eval_loss" in record:
             logger.log(record)
@@ -222,10 +250,16 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
         if consecutive_skips >= recipe.max_consecutive_skips:
             raise RuntimeError(f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
                                f"(last at step {done}); lower optim.lr or check the data")  # fmt: skip
-        if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < recipe.max_steps:
+        if (
+            recipe.checkpoint.every
+            and done % recipe.checkpoint.every == 0
+            and done < recipe.max_steps
+        ):
             save_checkpoint(engine, recipe.output_dir, done, client_state(recipe, done, dp))
     if recipe.checkpoint.at_end:
-        save_checkpoint(engine, recipe.output_dir, result.steps, client_state(recipe, result.steps, dp))
+        save_checkpoint(
+            engine, recipe.output_dir, result.steps, client_state(recipe, result.steps, dp)
+        )
     logger.close()
     return result
 
@@ -238,7 +272,9 @@ def client_state(recipe: Recipe, step: int, dp: int) -> dict:
 
 def setup_logging() -> None:
     # DeepSpeed calls collectives torch has renamed; the warning repeats every step and says nothing to users.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning
+    )
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not os.environ.get("IRDRO_DS_VERBOSE"):
@@ -254,8 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a recipe: deepspeed --num_gpus 2 --module irdro.train RECIPE [a.b=value ...]",
     )
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)"
+    )
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by the launcher
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Check a recipe: print the resolved recipe and the DeepSpeed JSON it launches with.",
     )
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/cpu_smoke.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)"
+    )
     parser.add_argument(
         "--world-size",
         type=int,

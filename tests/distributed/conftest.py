@@ -54,7 +54,11 @@ def base_recipe(tmp_path, tiny_model_dir, gpt2_tokenizer_dir, sonnet_shards):
             "grad_accum_steps": 1,
             "ds_config": "ds_configs/zero3_fp32.json",
             "ds_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
-            "model": {"path": str(tiny_model_dir), "tokenizer": str(gpt2_tokenizer_dir), "attention": "sdpa"},
+            "model": {
+                "path": str(tiny_model_dir),
+                "tokenizer": str(gpt2_tokenizer_dir),
+                "attention": "sdpa",
+            },
             "data": {"train": str(sonnet_shards / "train")},
             "reweight": {"scheme": "irdro", "lam": 0.5, "window": "step"},
             "optim": {"name": "sgd", "lr": 0.5, "grad_clip": 0.0, "scheduler": "constant"},

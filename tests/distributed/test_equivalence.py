@@ -43,7 +43,12 @@ def test_step_window_world_size_and_grad_accum(base_recipe, results):
         "ws2 ga1": (base_recipe(micro_batch_size=2), 2),
         "ws1 ga2": (base_recipe(micro_batch_size=2, grad_accum_steps=2), 1),
         "ws2 ga2": (base_recipe(micro_batch_size=1, grad_accum_steps=2), 2),
-        "ws2 ga1 zero2": (base_recipe(micro_batch_size=2, ds_config="ds_configs/zero2_fp32.json", ds_overrides={}), 2),
+        "ws2 ga1 zero2": (
+            base_recipe(
+                micro_batch_size=2, ds_config="ds_configs/zero2_fp32.json", ds_overrides={}
+            ),
+            2,
+        ),
     }
     for name, (recipe, ws) in cases.items():
         run = train(recipe, ws)
@@ -51,7 +56,7 @@ def test_step_window_world_size_and_grad_accum(base_recipe, results):
         report(f"irdro step {name} vs ws1 ga1", diff)
         assert diff <= TOL, name
         # the logged window statistics agree too
-        for a, b in zip(ref.records, run.records):
+        for a, b in zip(ref.records, run.records, strict=True):
             assert abs(a["weighted_loss"] - b["weighted_loss"]) < 1e-5
     results["irdro_ref"] = ref
 

@@ -26,7 +26,9 @@ def smoke_data(tmp_path_factory, gpt2_tokenizer_dir, sonnets_jsonl):
 
 
 def test_deepspeed_launcher_two_ranks(tmp_path, smoke_data, gpt2_tokenizer_dir):
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
+        "deepspeed"
+    )
     assert launcher, "the deepspeed launcher is not installed"
     run_dir = tmp_path / "run"
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
@@ -47,13 +49,17 @@ def test_deepspeed_launcher_two_ranks(tmp_path, smoke_data, gpt2_tokenizer_dir):
         assert math.isfinite(x["loss"]) and math.isfinite(x["weighted_loss"]) and x["skipped"] == 0
         assert 0 < x["ess"] <= 1 + 1e-9 and x["tokens"] > 0
     evals = [x for x in lines if "eval_loss" in x]
-    assert [x["step"] for x in evals] == [0, 3, 6] and all(math.isfinite(x["eval_ppl"]) for x in evals)
+    assert [x["step"] for x in evals] == [0, 3, 6] and all(
+        math.isfinite(x["eval_ppl"]) for x in evals
+    )
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
 
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_00000006"
     assert len(list((ckpt / "step_00000006").glob("*model_states.pt"))) == 2  # one shard per rank
-    assert (run_dir / "recipe.yaml").exists() and json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 16
+    assert (run_dir / "recipe.yaml").exists() and json.loads(
+        (run_dir / "ds_config.json").read_text()
+    )["train_batch_size"] == 16
 
 
 def test_validate_rejects_typo_in_real_recipe():

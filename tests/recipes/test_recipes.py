@@ -31,9 +31,9 @@ def test_there_are_recipes_and_configs():
 def test_recipe_validates_and_merges(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and "irdro.train" in first and str(path.relative_to(ROOT)) in first, (
-        "first comment line must be the launch command"
-    )
+    assert (
+        first.startswith("# ") and "irdro.train" in first and str(path.relative_to(ROOT)) in first
+    ), "first comment line must be the launch command"
     ws = launch_world_size(path)
     recipe = load_recipe(path, world_size=ws)
     ds = resolve_ds_config(recipe, ws)

@@ -56,7 +56,9 @@ def test_midrank_empty_band_is_a_config_error_at_load(tmp_path):
     over = ["reweight.scheme=midrank", "reweight.frac=0.2", "micro_batch_size=2"]
     with pytest.raises(ConfigError, match="reweight.frac: MidRanking band is empty"):
         load_recipe(write(tmp_path, BASE), over, world_size=2)
-    load_recipe(write(tmp_path, BASE), [*over, "reweight.window=step", "grad_accum_steps=2"], world_size=2)
+    load_recipe(
+        write(tmp_path, BASE), [*over, "reweight.window=step", "grad_accum_steps=2"], world_size=2
+    )
     with pytest.raises(ConfigError, match="reweight.portion"):
         load_recipe(write(tmp_path, BASE), ["reweight.scheme=midrank", "reweight.frac=0.5",
                                             "reweight.portion=2", "micro_batch_size=4"], world_size=1)  # fmt: skip
@@ -85,7 +87,10 @@ def test_ds_json_merge_fills_recipe_keys(tmp_path):
     [
         ({"train_batch_size": 8}, "sets 'train_batch_size', which the recipe owns"),
         ({"optimizer": {"type": "AdamW"}}, "sets 'optimizer'"),
-        ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}, r"zero_optimization.reduce_bucket_size = \"auto\""),
+        (
+            {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}},
+            r"zero_optimization.reduce_bucket_size = \"auto\"",
+        ),
         ({"bf16": {"enabled": True}}, "model.dtype: fp32 but"),
         ({"fp16": {"enabled": True}}, "fp16 is not supported"),
     ],

@@ -1,0 +1,47 @@
+# make demo | make test | make lint. Everything runs from a local virtualenv (.venv) that `setup` builds.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU boxes get the CPU build of torch; on a GPU cluster run `make setup TORCH=` to keep your own torch.
+TORCH ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo demo-data test test-fast lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
+	$(BIN)/pip install -q -e ".[test]" tensorboard
+	touch $@
+
+assets/gpt2-tokenizer/tokenizer.json: | setup
+	$(BIN)/python tools/fetch_assets.py gpt2-tokenizer --output assets/gpt2-tokenizer
+
+data/sonnets/train/manifest.json: assets/gpt2-tokenizer/tokenizer.json
+	$(BIN)/python tools/prepare_data.py --input tests/fixtures/shakespeare/sonnets.jsonl \
+		--tokenizer assets/gpt2-tokenizer --output data/sonnets --seq-len 128 --eval-fraction 0.1 --overwrite
+
+demo-data: data/sonnets/train/manifest.json
+
+demo: setup demo-data
+	$(BIN)/deepspeed --num_gpus 2 --module irdro.train recipes/tiny/cpu_smoke.yaml
+	@echo "run directory: runs/tiny_cpu_smoke (metrics.jsonl, checkpoints/, tensorboard/)"
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -q -m "not distributed and not slow"
+
+lint: setup
+	$(BIN)/ruff check irdro tools tests benchmarks
+	$(BIN)/ruff format --check irdro tools tests benchmarks
+
+format: setup
+	$(BIN)/ruff format irdro tools tests benchmarks
+	$(BIN)/ruff check --fix irdro tools tests benchmarks
+
+clean:
+	rm -rf runs data .pytest_cache
