@@ -68,6 +68,9 @@ class DataConfig:
     """Held-out shard directory for `eval_loss`/`eval_ppl`; none disables evaluation."""
     shuffle: bool = True
     """Seeded global shuffle per epoch; off = manifest order."""
+    packing: Literal["none", "boundary"] = "none"
+    """`boundary`: pack each micro-batch's samples into as few rows as fit, attention never crossing
+    a document; every sample keeps its own loss and weight."""
     pad_to_multiple_of: int = 8
     """Right-pad each micro-batch to the longest sample rounded up to this multiple."""
     verify_checksums: bool = False

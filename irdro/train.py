@@ -100,11 +100,11 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
     windows: list[Window] = []
     if cfg.window == "step":  # scoring pass: the whole step's losses before the first backward
         with torch.no_grad():
-            scored = [losses_of(m, b)[0] for m, b in enumerate(batches)]
+            scored = [losses_of(m, b) for m, b in enumerate(batches)]
         windows.append(reweight_window(
-            torch.stack(scored), torch.stack([b["labels"][:, 1:].ne(-100).any(1) for b in batches]),
+            torch.stack([x[0] for x in scored]), torch.stack([x[1].gt(0) for x in scored]),
             torch.stack([b["sample_ids"] for b in batches]), cfg, step, scale))  # fmt: skip
-    all_losses, tokens = [], 0
+    tokens = 0
     for m, batch in enumerate(batches):
         losses, counts = losses_of(m, batch)
         if cfg.window == "micro":
@@ -122,7 +122,6 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
             loss = losses.sum() * math.nan
         engine.backward(loss)
         engine.step()
-        all_losses.append(losses.detach())
         tokens += int(counts.sum())
     finite = all(w.finite for w in windows)
     return {
