@@ -1,44 +1,206 @@
-"""DeepSpeed checkpoints and consolidated weights.
+"""Checkpoints you can trust: atomic tags, completeness checks, exact and elastic resume.
 
-Owns: where and how checkpoints are written (`OUTPUT_DIR/checkpoints/<tag>` + `latest`), what resume
-state rides along in them (`client_state`: step, resolved recipe, data cursor), and gathering the
-full weights of a (possibly ZeRO-3 sharded) engine. Must not: decide when to save (irdro.train).
+Owns: the layout of `OUTPUT_DIR/checkpoints/` (one DeepSpeed tag `step_<N>` per save, a marker
+`irdro_complete.json` written last, `latest` replaced atomically, rotation), the resume state that
+rides along (step, data cursor, per-rank RNG states, the resolved recipe), choosing what to resume
+from, and gathering full weights of a (ZeRO-3 sharded) engine. Must not: decide when to save
+(irdro.train). Checkpoints must live on a filesystem every rank sees (as DeepSpeed requires).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from irdro import dist
+from irdro.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+MARKER = "irdro_complete.json"
+TAG_RE = re.compile(r"^step_(\d+)$")
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict) -> str:
-    """Save a DeepSpeed checkpoint tagged `step_<step>`. Call on every rank.
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
-    Args:
-        engine: the DeepSpeed engine.
-        output_dir: the run directory.
-        step: optimizer steps completed.
-        client_state: extra resume state (must hold the resolved recipe and the step).
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # fmt: skip
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int = 0) -> str:
+    """Save tag `step_<step>` atomically, then point `latest` at it and rotate. Call on every rank.
+
+    Every rank writes its DeepSpeed shards and RNG state into the new tag; after a barrier rank 0
+    records every file's size in the marker (a tag without a valid marker is never loaded), then
+    replaces `latest`, then deletes complete tags older than the newest `keep_last` (0 keeps all).
     """
+    root = Path(output_dir) / CHECKPOINT_DIR
     tag = tag_for(step)
-    engine.save_checkpoint(
-        str(Path(output_dir) / CHECKPOINT_DIR), tag=tag, client_state=client_state
-    )
+    if dist.is_main() and (root / tag).exists():  # a leftover of a crash at this very step
+        shutil.rmtree(root / tag)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    with open(root / tag / f"irdro_rng_rank{dist.global_rank()}.pkl", "wb") as f:
+        pickle.dump(rng_state(), f)
+    dist.barrier()
+    if dist.is_main():
+        files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.is_file()}
+        marker = {"step": step, "world_size": client_state["world_size"], "files": files}
+        _atomic_write(root / tag / MARKER, json.dumps(marker, indent=1))
+        _atomic_write(root / "latest", tag)
+        if keep_last > 0:
+            for old in complete_tags(root)[keep_last:]:
+                shutil.rmtree(root / old, ignore_errors=True)
+                shutil.rmtree(root / f"{old}_universal", ignore_errors=True)
     dist.barrier()
     log.info("checkpoint %s saved", tag)
     return tag
+
+
+def check_complete(tag_dir: Path) -> str | None:
+    """None if `tag_dir` is a complete checkpoint, else why not."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return "no completion marker (the save was interrupted)"
+    try:
+        meta = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return "unreadable completion marker"
+    for name, size in meta["files"].items():
+        p = tag_dir / name
+        if not p.is_file():
+            return f"missing {name}"
+        if p.stat().st_size != size:
+            return f"truncated {name} ({p.stat().st_size} of {size} bytes)"
+    return None
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Complete `step_*` tags under `root`, newest first."""
+    tags = (
+        [p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
+        if root.is_dir()
+        else []
+    )
+    tags.sort(key=lambda t: int(TAG_RE.match(t).group(1)), reverse=True)
+    return [t for t in tags if check_complete(root / t) is None]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    tag_dir: Path
+    step: int
+    world_size: int
+
+
+def find_resume(output_dir: str | Path, resume: str) -> ResumePoint | None:
+    """What to resume from: `never` -> None; `auto` -> the newest complete tag in `output_dir`
+    (incomplete newer tags are skipped with a warning); otherwise a tag directory path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        root = Path(output_dir) / CHECKPOINT_DIR
+        if not root.is_dir():
+            return None
+        candidates = sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
+                            key=lambda p: int(TAG_RE.match(p.name).group(1)), reverse=True)  # fmt: skip
+        for tag_dir in candidates:
+            why = check_complete(tag_dir)
+            if why is None:
+                return _point(tag_dir)
+            log.warning("skipping checkpoint %s: %s; falling back to an older one", tag_dir, why)
+        return None
+    tag_dir = Path(resume)
+    if (tag_dir / "latest").is_file():  # a checkpoints/ dir: follow latest
+        tag_dir = tag_dir / (tag_dir / "latest").read_text().strip()
+    why = check_complete(tag_dir) if tag_dir.is_dir() else "not a directory"
+    if why is not None:
+        raise ConfigError(f"resume: {resume}: not a loadable checkpoint ({why})")
+    return _point(tag_dir)
+
+
+def _point(tag_dir: Path) -> ResumePoint:
+    meta = json.loads((tag_dir / MARKER).read_text())
+    return ResumePoint(tag_dir=tag_dir, step=int(meta["step"]), world_size=int(meta["world_size"]))
+
+
+def universal_dir(point: ResumePoint) -> Path:
+    return point.tag_dir.with_name(point.tag_dir.name + "_universal")
+
+
+def prepare_elastic(point: ResumePoint) -> Path:
+    """Convert a checkpoint written by another number of ranks to DeepSpeed's universal format
+    (once; cached next to the tag). Call on every rank; rank 0 converts."""
+    out = universal_dir(point)
+    if dist.is_main() and not (out / MARKER).is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info(
+            "converting %s (%d ranks) to a universal checkpoint", point.tag_dir, point.world_size
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+             str(point.tag_dir), "--output_folder", str(tmp), "--num_extract_workers", "1",
+             "--num_merge_workers", "1"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"universal conversion of {point.tag_dir} failed:\n{proc.stderr[-2000:]}"
+            )
+        for f in point.tag_dir.iterdir():  # our own resume files travel with it
+            if f.name.startswith("irdro_") and f.name != MARKER:
+                shutil.copy2(f, tmp / f.name)
+        shutil.copy2(point.tag_dir / MARKER, tmp / MARKER)
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
+
+
+def load(engine, point: ResumePoint, elastic: bool) -> dict:
+    """Load weights, optimizer, LR schedule and RNG from `point`; returns the client state.
+    Call on every rank."""
+    tag_dir = universal_dir(point) if elastic else point.tag_dir
+    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)  # fmt: skip
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+    rng_file = tag_dir / f"irdro_rng_rank{dist.global_rank()}.pkl"
+    if not rng_file.is_file():
+        rng_file = tag_dir / "irdro_rng_rank0.pkl"
+    with open(rng_file, "rb") as f:
+        set_rng_state(pickle.load(f))
+    return client_state
 
 
 def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -56,3 +218,14 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
         for name, buf in module.named_buffers():
             out[name] = buf.detach().cpu().clone()
     return out
+
+
+def consolidated_fp32(tag_dir: Path) -> dict:
+    """Lazily consolidated fp32 weights of a saved ZeRO-2/3 tag: name -> tensor or lazy tensor
+    (call `.contiguous()` to materialise one; the optimizer files are memory-mapped, so only the
+    tensors being written are resident). Tied parameters map to the same object."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True
+    )

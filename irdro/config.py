@@ -136,6 +136,9 @@ class CheckpointConfig:
     """DeepSpeed checkpoint every N steps (0 = only at the end)."""
     at_end: bool = True
     """Save a checkpoint after the last step."""
+    keep_last: int = 0
+    """Keep only the newest N complete checkpoints (0 keeps all); older ones are deleted only after
+    the new one is complete."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,9 @@ class Recipe:
     """DeepSpeed JSON with engine settings only (ZeRO stage, offload, dtype)."""
     ds_overrides: dict = field(default_factory=dict)
     """Deep-merged into the DS JSON (engine settings only, e.g. zero_optimization.stage)."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint in output_dir (if any); `never`: start
+    fresh; or a checkpoint tag directory (or a checkpoints/ dir, following its `latest`)."""
     max_consecutive_skips: int = 5
     """Abort after this many consecutive steps skipped for a non-finite loss."""
 
@@ -404,6 +410,8 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(r.eval.max_batches >= 1, "eval.max_batches", "must be >= 1")
     _check(r.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(r.log.every >= 1, "log.every", "must be >= 1")
+    _check(r.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")
+    _check(bool(r.resume), "resume", "auto, never, or a checkpoint directory")
 
     if world_size is not None:
         _check(world_size >= 1, "world_size", "must be >= 1")

@@ -32,6 +32,7 @@ class RankRun:
 class Run:
     ranks: list[RankRun]
     state_dict: dict[str, torch.Tensor] | None
+    probe_logits: torch.Tensor | None = None
 
     @property
     def records(self) -> list[dict]:
@@ -44,7 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = (),
+def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = (), probe: bool = False,
               timeout: float = 300.0, env: dict | None = None) -> Run:  # fmt: skip
     """Train `recipe` (a plain dict) on `world_size` local processes and collect the results.
 
@@ -52,12 +53,15 @@ def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = 
         recipe: the recipe as a dict (validated in the workers).
         world_size: number of gloo ranks.
         nan_at: (step, rank) pairs at which that rank's first per-sample loss is made NaN.
+        probe: also return the trained engine's logits on `irdro.export.probe_tokens`.
         timeout: seconds before every rank is killed (a hang is a failure, not a stuck test run).
     """
     with tempfile.TemporaryDirectory(prefix="irdro-ranks-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(
-            json.dumps({"recipe": recipe, "nan_at": [list(x) for x in nan_at], "out": tmp})
+            json.dumps(
+                {"recipe": recipe, "nan_at": [list(x) for x in nan_at], "out": tmp, "probe": probe}
+            )
         )
         port = free_port()
         procs = []
@@ -86,7 +90,8 @@ def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = 
                                  (Path(tmp) / f"log{rank}.txt").read_text()))  # fmt: skip
         sd_path = Path(tmp) / "state_dict.pt"
         sd = torch.load(sd_path) if sd_path.exists() else None
-        return Run(ranks, sd)
+        probe_path = Path(tmp) / "probe_logits.pt"
+        return Run(ranks, sd, torch.load(probe_path) if probe_path.exists() else None)
 
 
 def _worker(spec_path: str) -> int:
@@ -115,6 +120,16 @@ def _worker(spec_path: str) -> int:
         sd = gathered_state_dict(result.engine)
         if sd is not None:
             torch.save(sd, Path(spec["out"]) / "state_dict.pt")
+        if spec.get("probe"):  # the training engine's logits on fixed tokens (every rank forwards)
+            from irdro.export import probe_tokens
+
+            engine = result.engine
+            ids = probe_tokens(engine.module.config.vocab_size).to(engine.device)
+            engine.eval()
+            with torch.no_grad():
+                logits = engine(input_ids=ids).logits.float().cpu()
+            if rank == 0:
+                torch.save(logits, Path(spec["out"]) / "probe_logits.pt")
     except Exception as e:  # reported to the test, which asserts on it
         out["error"] = f"{type(e).__name__}: {e}"
         code = 1

@@ -5,36 +5,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import smoke_command
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory, gpt2_tokenizer_dir, sonnets_jsonl):
-    out = tmp_path_factory.mktemp("e2e") / "sonnets"
-    subprocess.run([sys.executable, "tools/prepare_data.py", "--input", str(sonnets_jsonl),
-                    "--tokenizer", str(gpt2_tokenizer_dir), "--output", str(out), "--seq-len", "128",
-                    "--eval-fraction", "0.1"], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
-    return out
-
-
 def test_deepspeed_launcher_two_ranks(tmp_path, smoke_data, gpt2_tokenizer_dir):
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
-        "deepspeed"
-    )
-    assert launcher, "the deepspeed launcher is not installed"
     run_dir = tmp_path / "run"
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
-           "--module", "irdro.train", "recipes/tiny/cpu_smoke.yaml", "max_steps=6",
-           f"output_dir={run_dir}", f"model.tokenizer={gpt2_tokenizer_dir}",
-           f"data.train={smoke_data / 'train'}", f"data.eval={smoke_data / 'eval'}", "eval.every=3"]  # fmt: skip
+    cmd = smoke_command(run_dir, smoke_data, gpt2_tokenizer_dir, "max_steps=6", "eval.every=3")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,194 @@
+"""Export a run's DeepSpeed checkpoint as a complete Hugging Face model folder.
+
+Owns: consolidating ZeRO shards one tensor at a time into sharded safetensors + index, the config
+(with the exported dtype), generation config and tokenizer (from the run's `hf/` folder), tied vs
+untied embeddings, the temp-dir-then-rename write, and `verify` (reload with transformers and compare
+logits). Must not: train, or import deepspeed directly (irdro.checkpoint does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from irdro.checkpoint import CHECKPOINT_DIR, check_complete, consolidated_fp32
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+class ExportError(Exception):
+    """A one-line, user-facing export problem (names the path and what to do)."""
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '10KB' or a plain byte count -> bytes (powers of 1024)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?", text.strip().upper())
+    if not m:
+        raise ExportError(f"--max-shard-size: cannot parse {text!r} (e.g. 2GB, 500MB)")
+    return int(float(m.group(1)) * 1024 ** (" KMGT".index(m.group(2) or " ")))
+
+
+def resolve_tag(run_dir: Path, tag: str | None) -> Path:
+    root = run_dir / CHECKPOINT_DIR
+    if tag is None:
+        latest = root / "latest"
+        if not latest.is_file():
+            raise ExportError(
+                f"{run_dir}: no checkpoints/latest; is this a run directory with a saved checkpoint?"
+            )
+        tag = latest.read_text().strip()
+    tag_dir = root / tag
+    if not tag_dir.is_dir():
+        raise ExportError(f"{tag_dir}: no such checkpoint tag (see {root})")
+    why = check_complete(tag_dir)
+    if why is not None:
+        raise ExportError(f"{tag_dir}: incomplete checkpoint ({why}); pass --tag of an older one")
+    return tag_dir
+
+
+def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        if shards[-1] and used + sizes[name] > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += sizes[name]
+    return shards
+
+
+def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | None = None,
+              dtype: str = "bf16", max_shard_size: str = "2GB", overwrite: bool = False,
+              progress: bool = True) -> dict:  # fmt: skip
+    """Write RUN_DIR's checkpoint `tag` (default: latest) as an HF folder at `output`.
+
+    Returns a summary: tag, number of tensors and shards, bytes written, seconds.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    t0 = time.perf_counter()
+    run_dir, output = Path(run_dir), Path(output)
+    tag_dir = resolve_tag(run_dir, tag)
+    hf_dir = run_dir / "hf"
+    if not (hf_dir / "config.json").is_file():
+        raise ExportError(
+            f"{hf_dir}: missing config.json (written at the start of every irdro run)"
+        )
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"{output}: exists and is not empty; pass --overwrite to replace it")
+    config = AutoConfig.from_pretrained(hf_dir)
+    state = consolidated_fp32(tag_dir)
+
+    # Tied embeddings: the checkpoint holds one tensor under two names; HF stores it once.
+    names, seen = [], {}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name, tensor in state.items():
+        if id(tensor) in seen or (tied and name == "lm_head.weight"):
+            continue
+        seen[id(tensor)] = name
+        names.append(name)
+    target = DTYPES[dtype]
+    sizes = {
+        n: int(torch.Size(state[n].shape).numel())
+        * (target.itemsize if state[n].dtype.is_floating_point else state[n].dtype.itemsize)
+        for n in names
+    }
+    shards = _plan_shards(names, sizes, parse_size(max_shard_size))
+
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        from tqdm.auto import tqdm
+
+        weight_map: dict[str, str] = {}
+        bar = tqdm(
+            total=sum(sizes.values()),
+            unit="B",
+            unit_scale=True,
+            desc="export",
+            disable=not progress,
+        )
+        for i, shard in enumerate(shards):
+            fname = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            tensors = {}
+            for name in shard:
+                t = state[name]
+                t = t.contiguous() if not isinstance(t, torch.Tensor) else t
+                tensors[name] = t.to(target) if t.dtype.is_floating_point else t
+                weight_map[name] = fname
+                bar.update(sizes[name])
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
+        bar.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for f in hf_dir.iterdir():  # tokenizer, chat template, generation config
+            if f.is_file() and f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
+        config.dtype = HF_DTYPE_NAMES[dtype]
+        config.use_cache = True
+        config.save_pretrained(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"tag": tag_dir.name, "tensors": len(names), "shards": len(shards), "bytes": sum(sizes.values()),
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def probe_tokens(vocab_size: int, n: int = 32) -> torch.Tensor:
+    """Fixed token ids (1, n) for logit comparisons."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (1, n), generator=g)
+
+
+def verify(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | None = None,
+           dtype: str = "bf16") -> float:  # fmt: skip
+    """Max |logit difference| between the exported folder reloaded by transformers and a model
+    built from the checkpoint's consolidated weights (rounded to the export dtype), on fixed tokens.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    run_dir, output = Path(run_dir), Path(output)
+    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(run_dir / "hf")
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = consolidated_fp32(resolve_tag(run_dir, tag))
+    target = DTYPES[dtype]
+    full = {}
+    for name, t in state.items():
+        t = t.contiguous() if not isinstance(t, torch.Tensor) else t
+        full[name] = t.to(target).float() if t.dtype.is_floating_point else t
+    missing, unexpected = reference.load_state_dict(full, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ExportError(
+            f"checkpoint and config disagree: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if config.tie_word_embeddings:
+        reference.tie_weights()
+    ids = probe_tokens(config.vocab_size)
+    with torch.no_grad():
+        a = reloaded.eval()(ids).logits
+        b = reference.eval()(ids).logits
+    return float((a - b).abs().max())
