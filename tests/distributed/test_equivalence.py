@@ -92,3 +92,12 @@ def test_midrank_world_size(base_recipe):
     diff = max_abs_diff(one.state_dict, two.state_dict)
     report("midrank ws1 vs ws2", diff)
     assert diff <= TOL
+
+
+def test_gradient_checkpointing_changes_nothing(base_recipe, results):
+    """Recomputing activations in backward gives the same parameters (2 ranks, ZeRO-3)."""
+    ref = results.get("irdro_ref") or train(base_recipe(micro_batch_size=4), 1)
+    ckpt = train(base_recipe(micro_batch_size=2, model__gradient_checkpointing=True), 2)
+    diff = max_abs_diff(ref.state_dict, ckpt.state_dict)
+    report("gradient checkpointing ws2 vs ws1", diff)
+    assert diff <= TOL
