@@ -149,6 +149,11 @@ class LogConfig:
     """TensorBoard scalars under OUTPUT_DIR/tensorboard (when tensorboard is installed)."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    samples_every: int = 0
+    """Dump every window's per-sample (step, sample id, rank, loss, weight) to samples/ every N
+    steps (0 = off); `tools/plot_weights.py RUN_DIR` turns them into plots."""
+    wandb: bool = False
+    """Also log to Weights & Biases (`pip install wandb`; WANDB_MODE=offline works without network)."""
 
 
 @dataclass(frozen=True)
@@ -410,6 +415,7 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(r.eval.max_batches >= 1, "eval.max_batches", "must be >= 1")
     _check(r.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(r.log.every >= 1, "log.every", "must be >= 1")
+    _check(r.log.samples_every >= 0, "log.samples_every", "must be >= 0 (0 = off)")
     _check(r.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")
     _check(bool(r.resume), "resume", "auto, never, or a checkpoint directory")
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from irdro import dist
+from irdro.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +22,14 @@ class RankZeroLogger:
     """metrics.jsonl + optional TensorBoard + tqdm, active on global rank 0 only."""
 
     def __init__(self, output_dir: str | Path, *, total_steps: int, initial_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True) -> None:  # fmt: skip
+                 tensorboard: bool = True, progress: bool = True, wandb: bool = False,
+                 config: dict | None = None) -> None:  # fmt: skip
         self.active = dist.is_main()
         self._file = None
         self._tb = None
         self._bar = None
+        self._wandb = None
+        self.output_dir = Path(output_dir)
         if not self.active:
             return
         out = Path(output_dir)
@@ -37,6 +42,15 @@ class RankZeroLogger:
                 self._tb = SummaryWriter(str(out / "tensorboard"))
             except ImportError:
                 log.info("tensorboard not installed; skipping TensorBoard logging")
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                raise ConfigError(
+                    "log.wandb: wandb is not installed; `pip install wandb` or set log.wandb=false"
+                ) from None
+            self._wandb = wandb_lib.init(project=os.environ.get("WANDB_PROJECT", "irdro"), name=out.name,
+                                         dir=str(out), config=config or {}, resume="allow")  # fmt: skip
         if progress:
             from tqdm.auto import tqdm
 
@@ -57,6 +71,27 @@ class RankZeroLogger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(
+                {k: v for k, v in clean.items() if k != "step"}, step=int(record.get("step", 0))
+            )
+
+    def samples(self, step: int, windows: list) -> None:
+        """Write every window's per-sample rows of `step` to samples/step_<N>.jsonl (atomically; a
+        resumed run rewrites the file of a redone step)."""
+        if not self.active:
+            return
+        out = self.output_dir / "samples"
+        out.mkdir(exist_ok=True)
+        lines = []
+        for w_idx, w in enumerate(windows):
+            for sid, rank, loss, weight in zip(w.ids.tolist(), w.ranks.tolist(), w.losses.tolist(),
+                                               w.weights.tolist(), strict=True):  # fmt: skip
+                lines.append(json.dumps({"step": step, "window": w_idx, "sample_id": sid, "rank": rank,
+                                         "loss": loss, "weight": weight}))  # fmt: skip
+        tmp = out / f".step_{step:08d}.jsonl.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, out / f"step_{step:08d}.jsonl")
 
     def histogram(self, name: str, values, step: int) -> None:
         if self.active and self._tb is not None:
@@ -79,3 +114,5 @@ class RankZeroLogger:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -39,6 +39,7 @@ class Window:
         ids: (num_samples,) int64 sample ids of the window, ascending (canonical order).
         losses: (num_samples,) fp32 per-sample losses in `ids` order.
         weights: (num_samples,) fp32 weights in `ids` order.
+        ranks: (num_samples,) int64 DP rank each sample was trained on, in `ids` order.
     """
 
     coeffs: Tensor
@@ -51,6 +52,7 @@ class Window:
     ids: Tensor
     losses: Tensor
     weights: Tensor
+    ranks: Tensor
 
 
 def backward_scale(window: str, dp: int, grad_accum_steps: int) -> int:
@@ -123,4 +125,5 @@ def reweight_window(
         ids=ids,
         losses=losses,
         weights=weights,
+        ranks=idx // (m * b),
     )
