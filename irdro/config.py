@@ -23,7 +23,7 @@ import yaml
 
 # Scheme names of irdro.reweight's registry (kept here so config stays torch-free; a unit test
 # checks the two agree).
-SCHEMES = ("erm", "irdro", "midrank")
+SCHEMES = ("erm", "irdro", "midrank", "transform")
 
 # DeepSpeed keys the recipe owns; a DS JSON that sets them is refused.
 RECIPE_OWNED_DS_KEYS = (
@@ -80,7 +80,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ReweightConfig:
     scheme: str = "erm"
-    """Registry name: erm | irdro | midrank."""
+    """Registry name: erm | irdro | midrank | transform."""
     window: Literal["micro", "step"] = "micro"
     """Samples one weight distribution spans: one micro-batch on every DP rank, or the whole
     optimizer step (exact; one extra no-grad forward)."""
@@ -92,6 +92,10 @@ class ReweightConfig:
     """MidRanking: band width as a fraction of the window, in (0, 1]."""
     portion: int = 1
     """MidRanking: which band of the descending loss order is kept (0 = the hardest)."""
+    transform: Literal["linear", "quadratic_mid", "extremes"] = "linear"
+    """`transform` scheme: g applied to the window's losses rescaled to [-delta, delta]."""
+    delta: float = 1.0
+    """`transform` scheme: half-width of the rescaled loss range (> 0)."""
     warmup_steps: int = 0
     """Uniform weights for the first N optimizer steps."""
 
@@ -399,6 +403,7 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(0.0 <= w.trim_top < 1.0, "reweight.trim_top", f"must be in [0, 1), got {w.trim_top}")
     _check(0.0 < w.frac <= 1.0, "reweight.frac", f"must be in (0, 1], got {w.frac}")
     _check(w.portion >= 0, "reweight.portion", f"must be >= 0, got {w.portion}")
+    _check(w.delta > 0, "reweight.delta", f"must be > 0, got {w.delta}")
     _check(w.warmup_steps >= 0, "reweight.warmup_steps", "must be >= 0")
 
     o = r.optim

@@ -110,6 +110,34 @@ def midrank(losses: Tensor, frac: float = 0.5, portion: int = 1) -> Tensor:
     return w
 
 
+TRANSFORMS = ("linear", "quadratic_mid", "extremes")
+
+
+@register("transform")
+def transform(
+    losses: Tensor, lam: float = 1.0, transform: str = "linear", delta: float = 1.0
+) -> Tensor:
+    """The follow-up work's loss transforms before the softmax: rescale the window's losses to
+    x in [-delta, delta] by min/max, then g(x) = x (`linear`, IR-DRO on rescaled losses),
+    1 - x^2/delta^2 (`quadratic_mid`: favour the middle of the loss range) or x^2/delta^2
+    (`extremes`: favour both ends); weights = softmax(g / lam)."""
+    if not lam > 0 or not delta > 0:
+        raise ValueError(f"lam and delta must be > 0, got lam={lam}, delta={delta}")
+    lo, hi = losses.min(), losses.max()
+    x = (2 * (losses - lo) / (hi - lo).clamp(min=1e-6) - 1) * delta
+    if transform == "linear":
+        g = x
+    elif transform == "quadratic_mid":
+        g = 1 - x.square() / delta**2
+    elif transform == "extremes":
+        g = x.square() / delta**2
+    else:
+        raise ValueError(f"unknown transform {transform!r}; one of {', '.join(TRANSFORMS)}")
+    z = g / lam
+    w = torch.exp(z - z.max())
+    return w / w.sum()
+
+
 def scheme_params(cfg: ReweightConfig, step: int) -> tuple[str, dict[str, float]]:
     """The scheme and its parameters in force at optimizer step `step` (0-based), warm-up applied."""
     if step < cfg.warmup_steps or cfg.scheme == "erm":
@@ -118,4 +146,6 @@ def scheme_params(cfg: ReweightConfig, step: int) -> tuple[str, dict[str, float]
         return "irdro", {"lam": cfg.lam, "trim_top": cfg.trim_top}
     if cfg.scheme == "midrank":
         return "midrank", {"frac": cfg.frac, "portion": cfg.portion}
+    if cfg.scheme == "transform":
+        return "transform", {"lam": cfg.lam, "transform": cfg.transform, "delta": cfg.delta}
     raise ValueError(f"reweight.scheme {cfg.scheme!r} has no parameter mapping")

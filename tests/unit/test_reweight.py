@@ -151,3 +151,18 @@ def test_maximiser_check_can_fail():
         q /= q.sum()
         improved |= objective(q, losses, 1.0) > base + 1e-6 * abs(base)
     assert improved
+
+
+def test_transform_scheme_shapes():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    mid = compute_weights(losses, "transform", lam=0.5, transform="quadratic_mid", delta=1.0)
+    assert mid.argmax() == 2 and torch.allclose(mid[0], mid[4]) and abs(float(mid.sum()) - 1) < 1e-6
+    ext = compute_weights(losses, "transform", lam=0.5, transform="extremes", delta=1.0)
+    assert ext.argmin() == 2 and torch.allclose(ext[0], ext[4])
+    lin = compute_weights(losses, "transform", lam=0.5, transform="linear", delta=1.0)
+    ref = torch.softmax(torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]) / 0.5, 0)
+    assert torch.allclose(lin, ref, atol=1e-6)
+    flat = compute_weights(torch.full((3,), 2.0), "transform", lam=1.0, transform="quadratic_mid")
+    assert torch.allclose(flat, torch.full((3,), 1 / 3))  # constant losses: no division by zero
+    with pytest.raises(ValueError, match="unknown transform"):
+        compute_weights(losses, "transform", transform="cubic")
