@@ -3,10 +3,11 @@
 Owns:
   * the shard directory format (``manifest.json`` + ``shard_NNNNN.{tokens,index,mask}.npy``,
     format_version 1) and its writer (:class:`ShardWriter`) and reader (:class:`ShardDataset`);
-  * text preparation (:func:`prepare_text`, behind ``tools/prepare_data.py``);
   * the seeded, index-based global sample order (:class:`GlobalOrder`,
     :func:`sample_positions`) that makes resume exact;
   * batching of samples into padded tensors (:func:`collate`).
+
+Turning input files into shards (formats, masks, bad input) is irdro.prepare's job.
 
 Must not: call torch.distributed or import deepspeed (rank/world come in as plain ints), hold a
 whole corpus in memory, or print (it logs).
@@ -23,7 +24,6 @@ Layout of a shard directory (format_version 1)::
 from __future__ import annotations
 
 import array
-import glob
 import hashlib
 import json
 import logging
@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +47,18 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+# Why a document (input record) was not written, counted per reason in manifest["num_skipped"].
+SKIP_REASONS = {
+    "bad_json": "a malformed JSON line or file, skipped with --skip-bad",
+    "bad_record": "a record with a missing or mistyped field, skipped with --skip-bad",
+    "empty": "empty or whitespace-only text",
+    "too_short": "fewer than 2 supervised tokens (e.g. an empty response)",
+    "truncated_response": "--long-docs truncate cut away the response (fewer than 2 supervised "
+    "tokens left)",
+}
 
 _REQUIRED_KEYS = ("format_version", "dtype", "vocab_size", "num_samples", "num_tokens", "shards")
-_TOKENIZE_BATCH_DOCS = 256
-_TOKENIZE_BATCH_CHARS = 1 << 20
 
 
 class DataError(Exception):
@@ -461,7 +467,8 @@ def collate(
 # --------------------------------------------------------------------------- writing
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty directory without ``overwrite``."""
     if output.exists() and not output.is_dir():
         raise DataError(f"output {output} exists and is not a directory; choose another --output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -470,9 +477,9 @@ def _check_output(output: Path, overwrite: bool) -> None:
         )
 
 
-def _install_dir(staging: Path, output: Path, overwrite: bool) -> None:
+def install_dir(staging: Path, output: Path, overwrite: bool) -> None:
     """Move a complete ``staging`` dir to ``output``; an old output is removed only afterwards."""
-    _check_output(output, overwrite)
+    check_output_dir(output, overwrite)
     old = None
     if output.is_dir():
         if any(output.iterdir()):
@@ -490,7 +497,8 @@ def _install_dir(staging: Path, output: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _make_staging(output: Path) -> Path:
+def make_staging_dir(output: Path) -> Path:
+    """A fresh hidden temporary directory beside ``output``, to be renamed onto it when done."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     umask = os.umask(0)
@@ -511,8 +519,10 @@ class ShardWriter:
 
     The manifest has: format_version, format, tokenizer {name, hash}, vocab_size, eos_token_id,
     pad_token_id, dtype, seq_len, num_docs (distinct doc_ids written), num_samples, num_tokens,
-    num_skipped {reason: documents}, shards [{name, num_samples, num_tokens, sha256 {file: hex}}],
-    created_by.
+    num_skipped {reason: documents} (reasons in :data:`SKIP_REASONS`, all present), has_mask (any
+    shard has a mask.npy), shards [{name, num_samples, num_tokens, sha256 {file: hex}}],
+    created_by, plus the optional keys passed as ``meta`` and the counters bumped with
+    :meth:`count`. Readers ignore keys they do not know, so optional keys keep format_version 1.
     """
 
     def __init__(
@@ -528,6 +538,7 @@ class ShardWriter:
         format: str = "text",
         shard_tokens: int = 2**26,
         overwrite: bool = False,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         """Create the temporary directory; fail fast if the output is not writable as asked.
 
@@ -542,6 +553,8 @@ class ShardWriter:
             format: input format name ("text", later "alpaca", "chat"), recorded.
             shard_tokens: target tokens per shard file.
             overwrite: allow replacing a non-empty output_dir (at finalize).
+            meta: extra JSON-serialisable manifest keys (e.g. long_docs, prompt_template); they
+                must not shadow the keys above.
 
         Raises:
             DataError: output_dir is a file, or non-empty without overwrite.
@@ -552,7 +565,7 @@ class ShardWriter:
             raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
-        _check_output(self.output_dir, overwrite)
+        check_output_dir(self.output_dir, overwrite)
         self.dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
         self.shard_tokens = int(shard_tokens)
         self._manifest: dict[str, Any] = {
@@ -567,13 +580,18 @@ class ShardWriter:
             "num_docs": 0,
             "num_samples": 0,
             "num_tokens": 0,
-            "num_skipped": {"empty": 0, "too_short": 0},
+            "num_skipped": dict.fromkeys(SKIP_REASONS, 0),
+            "has_mask": False,
             "shards": [],
             "created_by": f"irdro {__version__}",
         }
+        clash = sorted(set(meta or {}) & set(self._manifest))
+        if clash:
+            raise ValueError(f"meta keys {clash} would shadow manifest keys")
+        self._manifest.update(meta or {})
         self._num_docs = 0
         self._last_doc_id: int | None = None
-        self._tmp: Path | None = _make_staging(self.output_dir)
+        self._tmp: Path | None = make_staging_dir(self.output_dir)
         self._file: Any = None  # open tokens file of the current shard
         self._rows = array.array("q")  # current shard's index, flattened [start, end, doc, chunk]
         self._masks: list[np.ndarray | None] = []
@@ -654,6 +672,12 @@ class ShardWriter:
         skipped = self._manifest["num_skipped"]
         skipped[reason] = skipped.get(reason, 0) + 1
 
+    def count(self, key: str, n: int = 1) -> None:
+        """Add ``n`` to the top-level integer manifest counter ``key`` (created at 0)."""
+        if not isinstance(self._manifest.get(key, 0), int):
+            raise ValueError(f"manifest key {key!r} is not a counter")
+        self._manifest[key] = self._manifest.get(key, 0) + n
+
     def finalize(self) -> dict[str, Any]:
         """Close the last shard, write the manifest and move the directory into place.
 
@@ -671,9 +695,10 @@ class ShardWriter:
         manifest["num_docs"] = self._num_docs
         manifest["num_samples"] = sum(s["num_samples"] for s in manifest["shards"])
         manifest["num_tokens"] = sum(s["num_tokens"] for s in manifest["shards"])
+        manifest["has_mask"] = any("mask.npy" in s["sha256"] for s in manifest["shards"])
         (self._tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
-            _install_dir(self._tmp, self.output_dir, self.overwrite)
+            install_dir(self._tmp, self.output_dir, self.overwrite)
         except BaseException:
             self.abort()
             raise
@@ -742,128 +767,7 @@ class ShardWriter:
         self._rows, self._masks, self._num_tokens = array.array("q"), [], 0
 
 
-# --------------------------------------------------------------------------- text preparation
-
-
-def split_into_chunks(tokens: list[int] | np.ndarray, seq_len: int) -> list[np.ndarray]:
-    """Cut a token sequence into consecutive chunks of at most ``seq_len`` tokens.
-
-    A last chunk shorter than 2 tokens is dropped: after the shift it supervises nothing.
-
-    Args:
-        tokens: (L,) token ids.
-        seq_len: maximum chunk length (>= 2).
-
-    Returns:
-        ceil(L / seq_len) (or one fewer) arrays, each (<= seq_len,) int64.
-    """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    arr = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    chunks = [arr[i : i + seq_len] for i in range(0, len(arr), seq_len)]
-    if chunks and len(chunks[-1]) < 2:
-        chunks.pop()
-    return chunks
-
-
-def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Expand files, directories (recursive) and globs into a sorted, de-duplicated file list.
-
-    Args:
-        inputs: paths or glob patterns; directories contribute their .txt/.jsonl/.json files.
-
-    Raises:
-        DataError: an input matches nothing or has an unsupported suffix.
-    """
-    files: dict[Path, None] = {}
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix in TEXT_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
-                raise DataError(f"input directory {path} has no {'/'.join(TEXT_SUFFIXES)} files")
-        elif path.is_file():
-            found = [path]
-        else:
-            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-            if not found:
-                raise DataError(f"input {spec} matches no file; check the path or quote the glob")
-        for p in found:
-            if p.suffix not in TEXT_SUFFIXES:
-                raise DataError(
-                    f"input {p}: unsupported file type '{p.suffix}' for --format text "
-                    f"(use {', '.join(TEXT_SUFFIXES)})"
-                )
-            files.setdefault(p, None)
-    return list(files)
-
-
-def iter_text_documents(
-    files: Sequence[Path], text_field: str = "text"
-) -> Iterator[tuple[str, str]]:
-    """Stream documents: a .txt file is one, a .jsonl line is one, a .json list item is one.
-
-    Blank .jsonl lines are not documents.
-
-    Yields:
-        (location, text) with location like ``file:line`` for error messages.
-
-    Raises:
-        DataError: malformed JSON (naming file:line), a record without ``text_field``, or a
-            non-string text.
-    """
-    for file in files:
-        try:
-            if file.suffix == ".txt":
-                yield str(file), file.read_text(encoding="utf-8")
-            elif file.suffix == ".jsonl":
-                with open(file, encoding="utf-8") as f:
-                    for lineno, line in enumerate(f, start=1):
-                        if not line.strip():
-                            continue
-                        where = f"{file}:{lineno}"
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(
-                                f"{where}: malformed JSON ({e.msg}); fix or remove the line"
-                            ) from None
-                        yield where, _record_text(record, text_field, where)
-            else:
-                try:
-                    records = json.loads(file.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file}:{e.lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(records, list):
-                    raise DataError(
-                        f"{file}: a .json input must be a list of records; use .jsonl for one "
-                        "record per line"
-                    )
-                for i, record in enumerate(records):
-                    where = f"{file}[record {i}]"
-                    yield where, _record_text(record, text_field, where)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _record_text(record: Any, field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if field not in record:
-        fields = ", ".join(sorted(record)) or "none"
-        raise DataError(
-            f"{where}: record has no field '{field}' (fields: {fields}); pass --text-field"
-        )
-    text = record[field]
-    if not isinstance(text, str):
-        raise DataError(f"{where}: field '{field}' is {type(text).__name__}, expected a string")
-    return text
+# --------------------------------------------------------------------------- helpers
 
 
 def is_eval_document(doc_id: int, seed: int, eval_fraction: float) -> bool:
@@ -875,168 +779,35 @@ def is_eval_document(doc_id: int, seed: int, eval_fraction: float) -> bool:
 
 
 def prepare_text(
-    inputs: list[str],
-    tokenizer_dir: str,
-    output: str,
-    *,
-    seq_len: int,
-    text_field: str = "text",
-    eval_fraction: float = 0.0,
-    seed: int = 0,
-    overwrite: bool = False,
-    shard_tokens: int = 2**26,
-    progress: bool = True,
+    inputs: list[str], tokenizer_dir: str, output: str, **kwargs: Any
 ) -> dict[str, Any]:
-    """Tokenise text documents into shard directories (the library behind prepare_data.py).
+    """Tokenise text documents into shards: :func:`irdro.prepare.prepare` with format="text".
 
-    Each document is tokenised with ``add_special_tokens=False``, gets EOS appended, and is cut
-    into samples of at most ``seq_len`` tokens (chunk_id 0, 1, ...). doc_id is the document's
-    index in the input stream, so it is unique across train and eval. Empty (whitespace-only)
-    documents are counted as ``num_skipped["empty"]``; documents that leave no sample of >= 2
-    tokens as ``num_skipped["too_short"]``.
-
-    Args:
-        inputs: files, directories or globs of .txt / .jsonl / .json files.
-        tokenizer_dir: directory for ``AutoTokenizer.from_pretrained``.
-        output: the shard directory, or with eval_fraction > 0 the parent of ``train/`` and
-            ``eval/`` shard directories.
-        seq_len: maximum tokens per sample (>= 2).
-        text_field: JSON field holding the text.
-        eval_fraction: expected fraction of documents sent to eval, in [0, 1).
-        seed: seed of the train/eval assignment.
-        overwrite: replace a non-empty output (only after the new one is complete).
-        shard_tokens: target tokens per shard file.
-        progress: show a tqdm bar over documents.
-
-    Returns:
-        The manifest if eval_fraction == 0, else ``{"train": manifest, "eval": manifest}``.
-
-    Raises:
-        DataError: bad arguments or inputs, a non-empty output without overwrite, or an empty
-            split.
+    Kept here for callers of the original API; new code should use irdro.prepare.
     """
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+    from irdro.prepare import prepare
 
-    if seq_len < 2:
-        raise DataError(f"--seq-len must be >= 2, got {seq_len}")
-    if not 0.0 <= eval_fraction < 1.0:
-        raise DataError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
-    out = Path(output)
-    files = resolve_inputs(inputs)
-    _check_output(out, overwrite)
-    resolved_out = out.resolve()
-    for f in files:
-        if overwrite and resolved_out in f.resolve().parents:
-            raise DataError(f"input {f} is inside --output {out}, which --overwrite would delete")
-
-    if not Path(tokenizer_dir).is_dir():
-        raise DataError(
-            f"tokenizer directory {tokenizer_dir} does not exist; for GPT-2 run "
-            "python tools/fetch_assets.py gpt2-tokenizer"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load a tokenizer from {tokenizer_dir}: {first}") from None
-    name = Path(tokenizer_dir).resolve().name or str(tokenizer.name_or_path)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        logger.warning("tokenizer %s has no EOS token; documents are not terminated", name)
-    meta = {
-        "vocab_size": len(tokenizer),
-        "tokenizer_name": name,
-        "tokenizer_hash": tokenizer_fingerprint(tokenizer),
-        "seq_len": seq_len,
-        "eos_token_id": eos,
-        "pad_token_id": tokenizer.pad_token_id,
-        "format": "text",
-        "shard_tokens": shard_tokens,
-    }
-
-    split = eval_fraction > 0.0
-    staging = _make_staging(out) if split else None
-    writers: dict[str, ShardWriter] = {}
-    try:
-        if split:
-            writers = {s: ShardWriter(staging / s, **meta) for s in ("train", "eval")}
-        else:
-            writers = {"train": ShardWriter(out, overwrite=overwrite, **meta)}
-        with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
-            batch: list[tuple[int, str, ShardWriter]] = []
-            chars = 0
-            for doc_id, (_, text) in enumerate(iter_text_documents(files, text_field)):
-                target = writers[
-                    "eval" if is_eval_document(doc_id, seed, eval_fraction) else "train"
-                ]
-                if not text.strip():
-                    target.skip("empty")
-                    bar.update(1)
-                    continue
-                batch.append((doc_id, text, target))
-                chars += len(text)
-                if len(batch) >= _TOKENIZE_BATCH_DOCS or chars >= _TOKENIZE_BATCH_CHARS:
-                    _write_batch(batch, tokenizer, seq_len, eos)
-                    bar.update(len(batch))
-                    batch, chars = [], 0
-            if batch:
-                _write_batch(batch, tokenizer, seq_len, eos)
-                bar.update(len(batch))
-        for split_name, writer in writers.items():
-            if writer.num_samples == 0:
-                raise DataError(
-                    f"the {split_name} split would be empty ({len(files)} input files, "
-                    f"skipped {writer.num_skipped}); "
-                    + ("adjust --eval-fraction" if split else "check --input and --text-field")
-                )
-        manifests = {s: w.finalize() for s, w in writers.items()}
-        if split:
-            _install_dir(staging, out, overwrite)
-            staging = None
-            return manifests
-        return manifests["train"]
-    finally:
-        for writer in writers.values():
-            writer.abort()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_batch(
-    batch: list[tuple[int, str, ShardWriter]], tokenizer: Any, seq_len: int, eos: int | None
-) -> None:
-    """Tokenise (doc_id, text, writer) documents together and write their chunks."""
-    encoded = tokenizer(
-        [text for _, text, _ in batch],
-        add_special_tokens=False,
-        return_attention_mask=False,
-        verbose=False,
-    )["input_ids"]
-    for (doc_id, _, writer), ids in zip(batch, encoded, strict=True):
-        if eos is not None:
-            ids = [*ids, eos]
-        chunks = split_into_chunks(ids, seq_len)
-        if not chunks:
-            writer.skip("too_short")
-        for chunk_id, chunk in enumerate(chunks):
-            writer.add(chunk, doc_id, chunk_id)
+    return prepare(inputs, tokenizer_dir, output, format="text", **kwargs)
 
 
 def dataset_summary(manifest: dict[str, Any]) -> str:
     """One line describing a manifest, for logs and CLIs."""
-    skipped = ", ".join(f"{k}={v}" for k, v in manifest["num_skipped"].items())
+    skipped = ", ".join(f"{k}={v}" for k, v in manifest["num_skipped"].items() if v)
+    extra = "".join(
+        f", {manifest[k]} {label}"
+        for k, label in (("num_truncated", "truncated"), ("num_dropped_chunks", "dropped chunks"))
+        if manifest.get(k)
+    )
     return (
         f"{manifest['num_docs']} docs, {manifest['num_samples']} samples, "
-        f"{manifest['num_tokens']} tokens, {len(manifest['shards'])} shards "
+        f"{manifest['num_tokens']} tokens, {len(manifest['shards'])} shards{extra} "
         f"(skipped: {skipped or 'none'})"
     )
 
 
 __all__ = [
     "MANIFEST_NAME",
+    "SKIP_REASONS",
     "DataError",
     "GlobalOrder",
     "Sample",
@@ -1045,10 +816,7 @@ __all__ = [
     "collate",
     "dataset_summary",
     "is_eval_document",
-    "iter_text_documents",
     "prepare_text",
-    "resolve_inputs",
     "sample_positions",
-    "split_into_chunks",
     "tokenizer_fingerprint",
 ]

@@ -20,8 +20,8 @@ from irdro.data import (
     ShardWriter,
     collate,
     sample_positions,
-    split_into_chunks,
 )
+from irdro.prepare import cut_document, is_trainable
 
 
 def _writer(path: Path, **kw) -> ShardWriter:
@@ -218,28 +218,81 @@ def test_skip_counts(tmp_path: Path) -> None:
         w.skip("empty")
         w.skip("odd")
         manifest = w.finalize()
-    assert manifest["num_skipped"] == {"empty": 2, "too_short": 0, "odd": 1}
+    assert manifest["num_skipped"] == {
+        "bad_json": 0,
+        "bad_record": 0,
+        "empty": 2,
+        "too_short": 0,
+        "truncated_response": 0,
+        "odd": 1,
+    }
 
 
-# ----------------------------------------------------------------------------- chunks
+def test_meta_and_counters_land_in_the_manifest(tmp_path: Path) -> None:
+    with _writer(tmp_path / "out", meta={"long_docs": "split"}) as w:
+        w.add([1, 2], doc_id=0, chunk_id=0, mask=np.array([False, True]))
+        w.count("num_truncated")
+        w.count("num_truncated", 2)
+        manifest = w.finalize()
+    assert (manifest["long_docs"], manifest["num_truncated"], manifest["has_mask"]) == (
+        "split",
+        3,
+        True,
+    )
+    assert ShardDataset(tmp_path / "out").manifest == manifest
+    with pytest.raises(ValueError, match="shadow"):
+        _writer(tmp_path / "other", meta={"dtype": "x"})
+
+
+# ----------------------------------------------------------------------------- long documents
 
 
 @pytest.mark.parametrize(
     ("length", "lengths"),
     [(0, []), (1, []), (2, [2]), (4, [4]), (5, [4]), (6, [4, 2]), (8, [4, 4]), (9, [4, 4])],
 )
-def test_split_into_chunks(length: int, lengths: list[int]) -> None:
-    tokens = list(range(length))
-    chunks = split_into_chunks(tokens, seq_len=4)
-    assert [len(c) for c in chunks] == lengths
-    assert all(c.dtype == np.int64 for c in chunks)
-    if chunks:
-        np.testing.assert_array_equal(np.concatenate(chunks), tokens[: sum(lengths)])
+def test_split_text_documents(length: int, lengths: list[int]) -> None:
+    tokens = np.arange(length)
+    cut = cut_document(tokens, None, seq_len=4, long_docs="split")
+    assert [len(c) for _, c, _ in cut.samples] == lengths
+    assert [i for i, _, _ in cut.samples] == list(range(len(lengths)))
+    assert cut.skipped == (None if lengths else "too_short")
+    assert cut.num_dropped_chunks == (length > 4 and length % 4 == 1)  # a 1-token tail
+    if lengths:
+        np.testing.assert_array_equal(
+            np.concatenate([c for _, c, _ in cut.samples]), tokens[: sum(lengths)]
+        )
 
 
-def test_split_into_chunks_rejects_tiny_seq_len() -> None:
-    with pytest.raises(ValueError):
-        split_into_chunks([1, 2, 3], seq_len=1)
+def test_truncate_keeps_the_head() -> None:
+    cut = cut_document(np.arange(10), None, seq_len=4, long_docs="truncate")
+    assert cut.truncated and cut.skipped is None
+    assert [c.tolist() for _, c, _ in cut.samples] == [[0, 1, 2, 3]]
+
+
+def test_masked_documents_drop_unsupervised_chunks_and_truncated_responses() -> None:
+    # 6 prompt tokens, 3 response tokens
+    mask = np.array([0] * 6 + [1] * 3, dtype=bool)
+    tokens = np.arange(9)
+    split = cut_document(tokens, mask, seq_len=4, long_docs="split")
+    # chunks [0..3] (no supervision) dropped, [4..7] has 2 supervised, [8] has 1: dropped
+    assert [(i, c.tolist()) for i, c, _ in split.samples] == [(1, [4, 5, 6, 7])]
+    assert split.num_dropped_chunks == 2
+    trunc = cut_document(tokens, mask, seq_len=6, long_docs="truncate")
+    assert (trunc.samples, trunc.skipped) == ([], "truncated_response")
+    partial = cut_document(tokens, mask, seq_len=8, long_docs="truncate")
+    assert partial.truncated and [m.tolist() for _, _, m in partial.samples] == [
+        [False] * 6 + [True] * 2
+    ]
+    one = np.array([0, 0, 1], dtype=bool)  # a 1-token response (e.g. only EOS)
+    assert cut_document(np.arange(3), one, seq_len=8, long_docs="split").skipped == "too_short"
+
+
+def test_is_trainable_needs_a_supervised_target() -> None:
+    assert is_trainable(2, None) and not is_trainable(1, None)
+    assert not is_trainable(3, np.array([1, 0, 0], dtype=bool))
+    assert is_trainable(3, np.array([1, 1, 0], dtype=bool))  # 2 supervised, 1 a target
+    assert is_trainable(3, np.array([0, 1, 1], dtype=bool))
 
 
 # ----------------------------------------------------------------------------- global order
