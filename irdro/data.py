@@ -5,7 +5,8 @@ Owns:
     format_version 1) and its writer (:class:`ShardWriter`) and reader (:class:`ShardDataset`);
   * the seeded, index-based global sample order (:class:`GlobalOrder`,
     :func:`sample_positions`) that makes resume exact;
-  * batching of samples into padded tensors (:func:`collate`).
+  * batching of samples into padded tensors (:func:`collate`) or into packed rows that keep
+    documents apart (:func:`collate_packed`).
 
 Turning input files into shards (formats, masks, bad input) is irdro.prepare's job.
 
@@ -464,6 +465,84 @@ def collate(
     }
 
 
+def packed_row_capacity(seq_len: int, pad_to_multiple_of: int = 8) -> int:
+    """Tokens one packed row may hold: ``seq_len`` rounded up to ``pad_to_multiple_of``."""
+    if seq_len < 1 or pad_to_multiple_of < 1:
+        raise ValueError(f"need seq_len >= 1 and pad_to_multiple_of >= 1, got {seq_len}, "
+                         f"{pad_to_multiple_of}")  # fmt: skip
+    return -(-seq_len // pad_to_multiple_of) * pad_to_multiple_of
+
+
+def collate_packed(
+    samples: list[Sample], pad_id: int, seq_len: int, pad_to_multiple_of: int = 8
+) -> dict[str, torch.Tensor]:
+    """Pack samples first-fit-decreasing into as few rows as fit, keeping them apart.
+
+    Each sample becomes one contiguous segment of a row. Segments never see each other: position
+    ids restart at 0 per segment and ``segment_ids`` tell the model side which tokens may attend
+    to which (irdro.model builds the block-diagonal mask or the flash-attn varlen layout from
+    them). The first token of every segment gets label -100, so the last token of one document is
+    never trained to predict the first token of the next; a segment's own first label is never a
+    target anyway (labels are unshifted), so per-segment losses equal the unpacked ones.
+
+    The packing is a pure function of the samples (lengths, then position in ``samples`` break
+    ties), so every rank and every resume packs a micro-batch identically.
+
+    Args:
+        samples: B samples of lengths L_i.
+        pad_id: token id written into padding (never supervised, attends only to padding).
+        seq_len: row capacity before rounding; normally the manifest's ``seq_len``. A sample
+            longer than the capacity gets a row of its own.
+        pad_to_multiple_of: capacity and T are rounded up to a multiple of this.
+
+    Returns:
+        input_ids: (R, T) int64, pad_id on padding.
+        labels: (R, T) int64, -100 on padding and on each segment's first token.
+        position_ids: (R, T) int64, 0..L_i-1 within each segment; a row's trailing padding counts
+            0, 1, ... as a segment of its own.
+        segment_ids: (R, T) int64, index i into ``samples`` of the token's sample, -1 on padding.
+        sample_ids: (B,) int64, in the order of ``samples`` (per-sample losses use this order).
+    """
+    if not samples:
+        raise ValueError("collate_packed needs at least one sample")
+    capacity = packed_row_capacity(seq_len, pad_to_multiple_of)
+    lengths = [len(s.input_ids) for s in samples]
+    rows: list[list[int]] = []  # sample indices per row, in placement order
+    fill: list[int] = []
+    for i in sorted(range(len(samples)), key=lambda i: (-lengths[i], i)):
+        for r in range(len(rows)):
+            if fill[r] + lengths[i] <= capacity:
+                rows[r].append(i)
+                fill[r] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            fill.append(lengths[i])
+    width = -(-max(fill) // pad_to_multiple_of) * pad_to_multiple_of
+    shape = (len(rows), width)
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros(shape, dtype=np.int64)
+    segment_ids = np.full(shape, -1, dtype=np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            s, n = samples[i], lengths[i]
+            input_ids[r, at : at + n] = s.input_ids
+            labels[r, at + 1 : at + n] = s.labels[1:]
+            position_ids[r, at : at + n] = np.arange(n)
+            segment_ids[r, at : at + n] = i
+            at += n
+        position_ids[r, at:] = np.arange(width - at)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(position_ids),
+        "segment_ids": torch.from_numpy(segment_ids),
+        "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
+    }
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -814,8 +893,10 @@ __all__ = [
     "ShardDataset",
     "ShardWriter",
     "collate",
+    "collate_packed",
     "dataset_summary",
     "is_eval_document",
+    "packed_row_capacity",
     "prepare_text",
     "sample_positions",
     "tokenizer_fingerprint",

@@ -128,3 +128,110 @@ def per_sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         rows.append(nll)
     losses = torch.stack(rows) / counts.clamp(min=1).to(torch.float32)
     return losses, counts
+
+
+# Attention implementations whose packed path is correct: a 4D block-diagonal mask for sdpa/eager,
+# flash-attn varlen (cu_seqlens derived from restarting position ids) for the flash kernels.
+PACKED_MASK_ATTENTION = ("sdpa", "eager")
+PACKED_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def attention_implementation(model) -> str:
+    """The attention implementation a (DeepSpeed-wrapped) HF model actually runs."""
+    module = getattr(model, "module", model)
+    return str(module.config._attn_implementation)
+
+
+def block_causal_mask(segment_ids: Tensor, attention: str, dtype: torch.dtype) -> Tensor:
+    """(R, 1, T, T) mask letting token q see token k iff k <= q and both are in one segment.
+
+    Padding (segment -1) forms one more segment, so no query row is fully masked (no NaN).
+    transformers returns a 4D mask as-is (masking_utils: "already prepared"), so this is what
+    attention sees.
+
+    Args:
+        segment_ids: (R, T) int64 segment index per token, -1 on padding.
+        attention: "sdpa" (boolean mask, True = attend) or "eager" (additive: 0 or dtype min,
+            added to the scores).
+        dtype: the model's compute dtype (eager's additive mask).
+    """
+    t = segment_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if attention == "sdpa":
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def packed_forward(model, batch: dict[str, Tensor], key: str = "data.packing") -> Tensor:
+    """Logits of a packed batch (irdro.data.collate_packed) with attention kept per document.
+
+    sdpa/eager get a 4D block-diagonal causal mask plus restarting position ids. flash-attn gets
+    no mask: the rows are flattened into one (1, R*T) row whose restarting position ids make
+    transformers call the varlen kernel with per-document cu_seqlens (every segment, padding
+    included, starts at position 0). The flash branch needs CUDA and is not exercised by the CPU
+    test suite.
+
+    Args:
+        model: the HF causal LM or the DeepSpeed engine wrapping it.
+        batch: input_ids, position_ids, segment_ids, each (R, T).
+        key: config key named in errors.
+
+    Returns:
+        (R, T, V) logits.
+
+    Raises:
+        ConfigError: an attention implementation for which packing cannot be made exact.
+    """
+    attention = attention_implementation(model)
+    input_ids, position_ids = batch["input_ids"], batch["position_ids"]
+    if attention in PACKED_VARLEN_ATTENTION:
+        logits = model(
+            input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1)
+        ).logits
+        return logits.reshape(*input_ids.shape, -1)
+    if attention not in PACKED_MASK_ATTENTION:
+        raise ConfigError(
+            f"{key}: boundary packing supports attention {', '.join(PACKED_MASK_ATTENTION + PACKED_VARLEN_ATTENTION)}, "
+            f"but the model runs {attention!r}; set model.attention to sdpa or {key}=none"
+        )
+    module = getattr(model, "module", model)
+    mask = block_causal_mask(batch["segment_ids"], attention, module.dtype)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+
+
+def packed_sample_nll(
+    logits: Tensor, labels: Tensor, segment_ids: Tensor, num_samples: int
+) -> tuple[Tensor, Tensor]:
+    """Per-sample mean next-token NLL of packed rows, in fp32 (the packed `per_sample_nll`).
+
+    Token t's target labels[t+1] counts for sample segment_ids[t+1] only if it is supervised and
+    t is in the same segment (a segment's last token never predicts the next document). Per-token
+    NLLs are scatter-added into one slot per sample, one row at a time, so at most one row of
+    logits is up-cast to fp32 (as in `per_sample_nll`); no host sync.
+
+    Args:
+        logits: (R, T, V) model outputs.
+        labels: (R, T) int64 unshifted targets, -100 where not supervised.
+        segment_ids: (R, T) int64 sample index in [0, num_samples) per token, -1 on padding.
+        num_samples: B, the number of samples packed into the rows.
+
+    Returns:
+        losses: (B,) fp32 per-sample mean NLL (0 for a sample with no supervised token).
+        counts: (B,) int64 supervised tokens per sample.
+    """
+    targets, seg = labels[:, 1:], segment_ids[:, 1:]
+    valid = (targets != -100) & (seg >= 0) & (segment_ids[:, :-1] == seg)
+    targets = torch.where(valid, targets, -100)
+    slots = seg.clamp(min=0)  # unsupervised tokens add 0 to slot 0
+    counts = torch.zeros(num_samples, dtype=torch.int64, device=logits.device)
+    counts = counts.scatter_add(0, slots.reshape(-1), valid.reshape(-1).long())
+    sums = torch.zeros(num_samples, dtype=torch.float32, device=logits.device)
+    for r in range(logits.shape[0]):
+        nll = F.cross_entropy(
+            logits[r, :-1].float(), targets[r], ignore_index=-100, reduction="none"
+        )
+        sums = sums.scatter_add(0, slots[r], nll)
+    return sums / counts.clamp(min=1).to(torch.float32), counts

@@ -30,14 +30,22 @@ from irdro.config import ConfigError, Recipe, dump_yaml, load_recipe, resolve_ds
 from irdro.data import (
     DataError,
     GlobalOrder,
+    Sample,
     ShardDataset,
     collate,
+    collate_packed,
     sample_positions,
     tokenizer_fingerprint,
 )
 from irdro.engine import init_distributed, initialize
 from irdro.metrics import RankZeroLogger
-from irdro.model import load_model, load_tokenizer, per_sample_nll
+from irdro.model import (
+    load_model,
+    load_tokenizer,
+    packed_forward,
+    packed_sample_nll,
+    per_sample_nll,
+)
 from irdro.normalize import Window, backward_scale, reweight_window
 
 log = logging.getLogger("irdro.train")
@@ -60,8 +68,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_batch(samples: list[Sample], data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
+    """Padded rows (`data.packing: none`) or packed rows of at most the shards' seq_len tokens."""
+    multiple = recipe.data.pad_to_multiple_of
+    if recipe.data.packing == "boundary":
+        seq_len = data.manifest.get("seq_len") or max(len(s.input_ids) for s in samples)
+        return collate_packed(samples, pad_id, int(seq_len), multiple)
+    return collate(samples, pad_id, multiple)
+
+
 class Batches:
-    """This rank's micro-batches of optimizer step s, from the deterministic global order."""
+    """This rank's micro-batches of optimizer step s, from the deterministic global order.
+
+    A micro-batch is always B samples (packing changes only how they are laid out in rows), so
+    the reweighting window and index-based resume do not depend on `data.packing`.
+    """
 
     def __init__(self, data: ShardDataset, recipe: Recipe, pad_id: int) -> None:
         self.data, self.recipe, self.pad_id = data, recipe, pad_id
@@ -75,12 +96,19 @@ class Batches:
                 step, micro, dist.dp_rank(), dist.dp_size(), r.grad_accum_steps, r.micro_batch_size
             )
             samples = [self.data[int(i)] for i in self.order[pos]]
-            out.append(collate(samples, self.pad_id, r.data.pad_to_multiple_of))
+            out.append(make_batch(samples, self.data, r, self.pad_id))
         return out
 
 
 def forward_losses(engine, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(B,) fp32 per-sample mean NLL and (B,) supervised-token counts of one micro-batch."""
+    """(B,) fp32 per-sample mean NLL and (B,) supervised-token counts of one micro-batch, in the
+    order of `batch["sample_ids"]`; packed batches (they carry `segment_ids`) get one loss per
+    document segment."""
+    if "segment_ids" in batch:
+        logits = packed_forward(engine, batch)
+        return packed_sample_nll(
+            logits, batch["labels"], batch["segment_ids"], batch["sample_ids"].numel()
+        )
     logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return per_sample_nll(logits, batch["labels"])
 
@@ -148,7 +176,7 @@ def evaluate(engine, data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
     for j in range(num_batches):
         idx = [j * bsz * dp + rank * bsz + i for i in range(bsz)]
         keep = torch.tensor([i < n for i in idx], dtype=torch.float64)
-        batch = collate([data[min(i, n - 1)] for i in idx], pad_id, recipe.data.pad_to_multiple_of)
+        batch = make_batch([data[min(i, n - 1)] for i in idx], data, recipe, pad_id)
         losses, counts = forward_losses(engine, {k: v.to(engine.device) for k, v in batch.items()})
         nll += torch.stack(
             [(losses.double().cpu() * counts.cpu() * keep).sum(), (counts.cpu() * keep).sum()]

@@ -19,6 +19,7 @@ from irdro.data import (
     ShardDataset,
     ShardWriter,
     collate,
+    collate_packed,
     sample_positions,
 )
 from irdro.prepare import cut_document, is_trainable
@@ -392,3 +393,57 @@ def test_collate_reads_dataset_samples(tmp_path: Path) -> None:
     assert batch["input_ids"].shape == (2, 16)
     assert batch["labels"][0, :9].tolist() == [-100] * 5 + [9, 10, 11, 12]
     assert batch["sample_ids"].tolist() == [1, 0]
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _packed(lengths: list[int], seq_len: int, multiple: int = 1, masks=None) -> tuple:
+    samples = [
+        _sample(
+            100 + i, list(range(10 * i + 1, 10 * i + 1 + n)), None if masks is None else masks[i]
+        )
+        for i, n in enumerate(lengths)
+    ]
+    return samples, collate_packed(samples, pad_id=0, seq_len=seq_len, pad_to_multiple_of=multiple)
+
+
+def test_collate_packed_first_fit_decreasing() -> None:
+    samples, batch = _packed([3, 5, 2, 4], seq_len=8)
+    assert set(batch) == {"input_ids", "labels", "position_ids", "segment_ids", "sample_ids"}
+    assert all(t.dtype == torch.int64 for t in batch.values())
+    # decreasing: 5 -> row0, 4 -> row1, 3 -> row0 (5+3=8), 2 -> row1 (4+2=6)
+    assert batch["segment_ids"].tolist() == [[1] * 5 + [0] * 3, [3] * 4 + [2] * 2 + [-1] * 2]
+    assert batch["position_ids"].tolist() == [
+        [0, 1, 2, 3, 4, 0, 1, 2],
+        [0, 1, 2, 3, 0, 1, 0, 1],
+    ]
+    assert batch["sample_ids"].tolist() == [100, 101, 102, 103]  # input order, not packing order
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+    for i, s in enumerate(samples):  # every sample's tokens appear as one contiguous segment
+        assert ids[seg == i].tolist() == s.input_ids.tolist()
+    assert ids[seg == -1].tolist() == [0, 0]
+
+
+def test_collate_packed_never_supervises_across_documents() -> None:
+    masks = [None, [-100, -100, 23, 24]]
+    _, batch = _packed([2, 4], seq_len=6, masks=masks)
+    # row: sample 1 (4 tokens) then sample 0 (2 tokens)
+    assert batch["labels"].tolist() == [[-100, -100, 23, 24, -100, 2]]
+    # each segment's first label is -100: the target of the previous segment's last token
+
+
+def test_collate_packed_rounds_width_and_capacity() -> None:
+    _, batch = _packed([5, 5, 5], seq_len=10, multiple=8)
+    # capacity 16 (10 rounded up to 8): 5+5+5 = 15 fit one row, width 16
+    assert batch["input_ids"].shape == (1, 16)
+    _, batch = _packed([5, 5, 5], seq_len=10, multiple=1)
+    assert batch["input_ids"].shape == (2, 10)
+
+
+def test_collate_packed_oversized_sample_gets_its_own_row() -> None:
+    _, batch = _packed([12, 3], seq_len=8)
+    assert batch["input_ids"].shape == (2, 12)
+    assert batch["segment_ids"][1].tolist() == [1] * 3 + [-1] * 9
+    with pytest.raises(ValueError):
+        collate_packed([], pad_id=0, seq_len=8)
