@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -25,6 +26,8 @@ import torch
 from torch import Tensor
 
 from irdro import __version__, dist
+from irdro.checkpoint import find_resume, prepare_elastic
+from irdro.checkpoint import load as load_checkpoint
 from irdro.checkpoint import save as save_checkpoint
 from irdro.config import ConfigError, Recipe, dump_yaml, load_recipe, resolve_ds_config, validate
 from irdro.data import (
@@ -204,8 +207,9 @@ def check_data(data: ShardDataset, tokenizer, model_vocab: int, key: str) -> Non
         )
 
 
-def write_run_files(recipe: Recipe, ds_config: dict) -> None:
-    """recipe.yaml (resolved) and ds_config.json in the run directory, each written atomically."""
+def write_run_files(recipe: Recipe, ds_config: dict, model, tokenizer) -> None:
+    """recipe.yaml (resolved), ds_config.json and hf/ (the model config, generation config and
+    tokenizer that tools/convert_to_hf.py exports with), each written atomically."""
     if not dist.is_main():
         return
     out = Path(recipe.output_dir)
@@ -217,13 +221,28 @@ def write_run_files(recipe: Recipe, ds_config: dict) -> None:
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
+    tmp = out / ".hf.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out / "hf", ignore_errors=True)
+    os.replace(tmp, out / "hf")
 
 
-def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
-    """Train `recipe` on the already-initialised process group; returns the engine for callers."""
+@dataclass
+class Setup:
+    engine: object
+    train_data: ShardDataset
+    eval_data: ShardDataset | None
+    pad_id: int
+    start_step: int
+
+
+def setup(recipe: Recipe) -> Setup:
+    """Data, tokenizer check, model, engine and (when a checkpoint exists) its resume state."""
     dp = dist.dp_size()
-    validate(recipe, world_size=dp)
-    seed_everything(recipe.seed)
     tokenizer = load_tokenizer(recipe.model)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -233,62 +252,105 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
     for d in (train_data, eval_data):
         if d is not None and recipe.data.verify_checksums:
             d.verify()
-
     ds_config = resolve_ds_config(recipe, dp)
+    point = dist.broadcast_object(
+        find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None
+    )
+    elastic = point is not None and point.world_size != dp
+    if elastic:
+        prepare_elastic(point)
+        ds_config["checkpoint"] = {"load_universal": True}
     model = load_model(recipe.model, ds_config)
-    check_data(train_data, tokenizer, model.config.vocab_size, "data.train")
-    if eval_data is not None:
-        check_data(eval_data, tokenizer, model.config.vocab_size, "data.eval")
+    for d, key in ((train_data, "data.train"), (eval_data, "data.eval")):
+        if d is not None:
+            check_data(d, tokenizer, model.config.vocab_size, key)
     engine = initialize(recipe, model, ds_config)
-    write_run_files(recipe, ds_config)
-    logger = RankZeroLogger(recipe.output_dir, total_steps=recipe.max_steps,
-                            tensorboard=recipe.log.tensorboard, progress=recipe.log.progress)  # fmt: skip
-    batches = Batches(train_data, recipe, pad_id)
-    result = TrainResult(engine=engine, steps=0)
-    if eval_data is not None:
-        logger.log({"step": 0, **evaluate(engine, eval_data, recipe, pad_id)})
+    write_run_files(recipe, ds_config, model, tokenizer)
+    start = 0
+    if point is not None:
+        state = load_checkpoint(engine, point, elastic)
+        saved = state["consumed_samples"] // max(1, state["step"]) if state["step"] else None
+        if saved is not None and saved != recipe.global_batch(dp):
+            raise ConfigError(
+                f"resume: {point.tag_dir} was trained with a global batch of {saved} samples per step; "
+                f"this launch has {recipe.global_batch(dp)} (micro_batch_size x grad_accum_steps x "
+                f"{dp} ranks): change grad_accum_steps so they match"
+            )
+        start = state["step"]
+        truncate_metrics(recipe.output_dir, start)
+        log.info(
+            "resumed from %s at step %d%s", point.tag_dir, start, " (elastic)" if elastic else ""
+        )
+    return Setup(engine, train_data, eval_data, pad_id, start)
+
+
+def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
+    """Train `recipe` on the already-initialised process group; returns the engine for callers."""
+    dp = dist.dp_size()
+    validate(recipe, world_size=dp)
+    seed_everything(recipe.seed)
+    s = setup(recipe)
+    engine, batches = s.engine, Batches(s.train_data, recipe, s.pad_id)
+    logger = RankZeroLogger(recipe.output_dir, total_steps=recipe.max_steps, initial_step=s.start_step,
+                            tensorboard=recipe.log.tensorboard, progress=recipe.log.progress,
+                            wandb=recipe.log.wandb, config=recipe.to_dict())  # fmt: skip
+    result = TrainResult(engine=engine, steps=s.start_step)
+    if s.eval_data is not None and s.start_step == 0:
+        logger.log({"step": 0, **evaluate(engine, s.eval_data, recipe, s.pad_id)})
 
     consecutive_skips = 0
-    for step in range(recipe.max_steps):
+    for step in range(s.start_step, recipe.max_steps):
         t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
         stats = train_step(engine, batches.step(step), recipe, step, loss_hook)
-        tokens = int(
-            dist.all_reduce_sum(
-                torch.tensor([stats.pop("local_tokens")], dtype=torch.float64)
-            ).item()
-        )
         windows = stats.pop("windows")
-        consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
-        done = step + 1
+        local_tokens = torch.tensor([stats.pop("local_tokens")], dtype=torch.float64)
+        tokens = int(dist.all_reduce_sum(local_tokens).item())
         grad_norm = engine.get_global_grad_norm()
+        done = step + 1
         record = {"step": done, "lr": lr, **stats, "tokens": tokens,
                   "tokens_per_s": tokens / (time.perf_counter() - t0),
                   "grad_norm": float(grad_norm) if grad_norm is not None else None}  # fmt: skip
-        if eval_data is not None and (
-            (recipe.eval.every and done % recipe.eval.every == 0) or done == recipe.max_steps
-        ):
-            record.update(evaluate(engine, eval_data, recipe, pad_id))
-        if done % recipe.log.every == 0 or done == recipe.max_steps or "eval_loss" in record:
+        if s.eval_data is not None and (done == recipe.max_steps or every(done, recipe.eval.every)):
+            record.update(evaluate(engine, s.eval_data, recipe, s.pad_id))
+        if every(done, recipe.log.every) or done == recipe.max_steps or "eval_loss" in record:
             logger.log(record)
             logger.histogram("weights", windows[-1].weights, done)
+        if every(done, recipe.log.samples_every):
+            logger.samples(done, windows)
         logger.progress(done, loss=stats["loss"], ess=stats["ess"], tok_s=record["tokens_per_s"])
         result.records.append(record)
         result.steps = done
+        consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
         if consecutive_skips >= recipe.max_consecutive_skips:
             raise RuntimeError(f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
                                f"(last at step {done}); lower optim.lr or check the data")  # fmt: skip
-        if (
-            recipe.checkpoint.every
-            and done % recipe.checkpoint.every == 0
-            and done < recipe.max_steps
-        ):
-            save_checkpoint(engine, recipe.output_dir, done, client_state(recipe, done, dp))
-    if recipe.checkpoint.at_end:
-        save_checkpoint(
-            engine, recipe.output_dir, result.steps, client_state(recipe, result.steps, dp)
-        )
+        if every(done, recipe.checkpoint.every) and done < recipe.max_steps:
+            save_checkpoint(engine, recipe.output_dir, done, client_state(recipe, done, dp),
+                            recipe.checkpoint.keep_last)  # fmt: skip
+    if recipe.checkpoint.at_end and result.steps > s.start_step:
+        save_checkpoint(engine, recipe.output_dir, result.steps, client_state(recipe, result.steps, dp),
+                        recipe.checkpoint.keep_last)  # fmt: skip
     logger.close()
     return result
+
+
+def every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def truncate_metrics(output_dir: str, step: int) -> None:
+    """On resume, drop metrics.jsonl lines past the checkpoint (they are about to be redone)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not dist.is_main() or not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def client_state(recipe: Recipe, step: int, dp: int) -> dict:
