@@ -1,4 +1,4 @@
-"""Looking at what the reweighting did: per-sample dumps and metrics of a run, as numbers, text, PNGs.
+"""What the reweighting did to a run's data: its per-sample dumps as numbers, text and PNGs.
 
 Owns: reading a run directory's `samples/step_<N>.jsonl` dumps (written by
 `RankZeroLogger.samples` when `log.samples_every > 0`) and `metrics.jsonl`, picking the samples
@@ -208,10 +208,9 @@ def load_dumps(
 
 
 def load_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The training lines of metrics.jsonl (those with `ess`), by step; [] if there is no file.
+    """Every metrics.jsonl line (training and eval-only), ascending by step; [] without the file.
 
-    Eval-only lines (step 0) are kept too when they carry `eval_loss`. A resumed run can repeat a
-    step; the last line for a step wins.
+    A resumed run can repeat a step; the last line for a step wins.
     """
     file = Path(run_dir) / METRICS_FILE
     if not file.is_file():
@@ -242,8 +241,13 @@ def describe_reweighting(run_dir: str | os.PathLike) -> str:
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return ""
     scheme = rw.pop("scheme", "?")
-    params = {"irdro": ("lam", "trim_top"), "midrank": ("frac", "portion")}.get(scheme, ())
-    text = " ".join([str(scheme)] + [f"{k}={rw[k]:g}" for k in params if k in rw])
+    params = {
+        "irdro": ("lam", "trim_top"),
+        "midrank": ("frac", "portion"),
+        "transform": ("lam", "transform", "delta"),
+    }.get(scheme, ())
+    fmt = {k: f"{v:g}" if isinstance(v, int | float) else str(v) for k, v in rw.items()}
+    text = " ".join([str(scheme)] + [f"{k}={fmt[k]}" for k in params if k in rw])
     if "window" in rw:
         text += f", window {rw['window']}"
     if rw.get("warmup_steps"):
@@ -449,20 +453,28 @@ def plot_weight_vs_loss(ax: Any, dumps: Dumps) -> None:
     lo = float(weight[pos].min()) if pos.any() else 1.0
     log_scale = pos.any() and float(weight[pos].max()) / lo > 10
     floor = lo / 3 if log_scale else 0.0
-    vmin, vmax = min(dumps.steps), max(max(dumps.steps), min(dumps.steps) + 1)
-    sc = ax.scatter(loss[pos], weight[pos], c=step[pos], cmap="viridis", vmin=vmin, vmax=vmax,
-                    s=12, alpha=0.7, linewidths=0, rasterized=True)  # fmt: skip
+    by_step = len(np.unique(step)) > 1  # one step: plain colours, no colour bar
+    colour = {"cmap": "viridis", "vmin": int(step.min()), "vmax": int(step.max())}
+    sc = ax.scatter(loss[pos], weight[pos], s=12, alpha=0.7, linewidths=0, rasterized=True,
+                    **({"c": step[pos], **colour} if by_step else {"color": "tab:blue"}))  # fmt: skip
     if (~pos).any():
-        ax.scatter(loss[~pos], np.full(int((~pos).sum()), floor), c=step[~pos], cmap="viridis",
-                   vmin=vmin, vmax=vmax, marker="x", s=16, linewidths=0.8,
-                   label=f"weight 0 (discarded): {int((~pos).sum())}")  # fmt: skip
+        ax.scatter(loss[~pos], np.full(int((~pos).sum()), floor), marker="x", s=16, linewidths=0.8,
+                   label=f"weight 0 (discarded): {int((~pos).sum())}",
+                   **({"c": step[~pos], **colour} if by_step else {"color": "tab:red"}))  # fmt: skip
     if log_scale:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.2, not 2x10^-1
+        ax.yaxis.set_minor_formatter(NullFormatter())
     size = float(np.median(dumps.window_size))
     ax.axhline(1.0 / size, color="grey", ls="--", lw=0.8, label=f"uniform 1/{size:g}")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.figure.colorbar(sc, ax=ax, label="step", pad=0.01)
-    shown = "" if idx.size == len(dumps) else f" ({idx.size} of {len(dumps)} shown)"
+    ax.legend(loc="center right", fontsize=8)
+    if by_step:
+        ax.figure.colorbar(sc, ax=ax, label="step", pad=0.01)
+    shown = "" if by_step else f" at step {int(step[0])}"
+    shown += "" if idx.size == len(dumps) else f" ({idx.size} of {len(dumps)} shown)"
     ax.set(xlabel="per-sample loss", ylabel="weight p_i" + (" (log)" if log_scale else ""),
            title=f"weight vs loss{shown}")  # fmt: skip
 
@@ -489,20 +501,24 @@ def loss_groups(dumps: Dumps) -> dict[str, np.ndarray]:
 
 
 def plot_loss_by_weight(ax: Any, dumps: Dumps) -> None:
-    """Stacked loss histogram of the `loss_groups` (empty groups left out)."""
+    """Stacked histogram of the excess loss (loss minus its window's mean) of the `loss_groups`
+    (empty groups left out). Excess, not raw loss: over a run the raw losses drift down by far more
+    than they spread within a window, and the weights only see the spread."""
     colours = {
         "weight 0 (discarded)": "tab:red",
         "top 25% by weight": "tab:orange",
         "rest": "tab:blue",
     }
-    finite = dumps.loss[np.isfinite(dumps.loss)]
+    finite = dumps.excess[np.isfinite(dumps.excess)]
     bins = np.histogram_bin_edges(finite, bins=min(50, max(10, int(np.sqrt(finite.size)))))
     groups = [(name, mask) for name, mask in loss_groups(dumps).items() if mask.any()]
-    ax.hist([dumps.loss[m] for _, m in groups], bins=bins, stacked=True,
+    ax.hist([dumps.excess[m] for _, m in groups], bins=bins, stacked=True,
             color=[colours[n] for n, _ in groups],
             label=[f"{n}: {int(m.sum())}" for n, m in groups])  # fmt: skip
+    ax.axvline(0.0, color="grey", ls="--", lw=0.8)
     ax.legend(fontsize=8)
-    ax.set(xlabel="per-sample loss", ylabel="samples (stacked)", title="loss by weight group")
+    ax.set(xlabel="loss − mean loss of its window", ylabel="samples (stacked)",
+           title="loss by weight group")  # fmt: skip
 
 
 def _series(metrics: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -38,8 +38,8 @@ Write PNGs that show what hard-sample reweighting does to a run's data, from the
 (RUN_DIR/samples/step_<N>.jsonl, written every log.samples_every steps) and RUN_DIR/metrics.jsonl:
 
   weight_vs_loss.png   every dumped sample: loss vs weight, coloured by step (weight 0 = discarded)
-  loss_by_weight.png   loss histograms of the discarded, the top-weighted quarter of each window
-                       and the rest
+  loss_by_weight.png   histogram of each sample's loss minus its window's mean, split into the
+                       discarded (weight 0), the top-weighted quarter of each window and the rest
   ess_max_weight.png   effective sample size and max weight over steps; loss and weighted loss
   overview.png         the four panels in one figure
 

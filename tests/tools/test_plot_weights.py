@@ -53,7 +53,7 @@ def _rows(step: int, window: int, ids: list[int], losses: list[float], trim: int
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) -> Path:
-    """A run directory as irdro.train leaves it with log.samples_every=2, 4 steps, 2 windows of 4."""
+    """A run dir as irdro.train leaves it with log.samples_every=2: 4 steps, 2 windows of 4."""
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("plot")
