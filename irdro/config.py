@@ -447,12 +447,14 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
                 f"band [{w.portion * c}, {(w.portion + 1) * c}) lies outside the window of {n} "
                 f"samples; lower portion or frac",
             )
-        if w.scheme == "irdro":
+        if w.scheme == "irdro" and w.trim_top > 0:
             n = r.window_size(world_size)
+            k = math.floor(w.trim_top * n)
+            _check(k < n, "reweight.trim_top", f"trims every sample of a window of {n}")
             _check(
-                math.floor(w.trim_top * n) < n,
+                k >= 1,
                 "reweight.trim_top",
-                f"trims every sample of a window of {n}",
+                f"floor({w.trim_top} x window {n}) = 0 trims nothing; use >= {1 / n:.3g} or a larger window",
             )
 
 

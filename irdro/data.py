@@ -189,6 +189,15 @@ class ShardDataset:
             labels = np.where(supervised, input_ids, IGNORE_INDEX)
         return Sample(idx, input_ids, labels, doc_id, chunk_id)
 
+    def describe(self, idx: int) -> dict[str, int]:
+        """doc_id, chunk_id and num_tokens of sample `idx` (for per-sample dumps)."""
+        sample = self[idx]
+        return {
+            "doc_id": sample.doc_id,
+            "chunk_id": sample.chunk_id,
+            "num_tokens": len(sample.input_ids),
+        }
+
     def verify(self) -> None:
         """Recompute every shard file's sha256 and check the index rows are consistent.
 

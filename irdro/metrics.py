@@ -76,9 +76,10 @@ class RankZeroLogger:
                 {k: v for k, v in clean.items() if k != "step"}, step=int(record.get("step", 0))
             )
 
-    def samples(self, step: int, windows: list) -> None:
+    def samples(self, step: int, windows: list, describe=None) -> None:
         """Write every window's per-sample rows of `step` to samples/step_<N>.jsonl (atomically; a
-        resumed run rewrites the file of a redone step)."""
+        resumed run rewrites the file of a redone step). `describe(sample_id) -> dict` adds fields
+        such as doc_id/chunk_id/num_tokens. Non-finite numbers become null (strict JSON)."""
         if not self.active:
             return
         out = self.output_dir / "samples"
@@ -87,8 +88,12 @@ class RankZeroLogger:
         for w_idx, w in enumerate(windows):
             for sid, rank, loss, weight in zip(w.ids.tolist(), w.ranks.tolist(), w.losses.tolist(),
                                                w.weights.tolist(), strict=True):  # fmt: skip
-                lines.append(json.dumps({"step": step, "window": w_idx, "sample_id": sid, "rank": rank,
-                                         "loss": loss, "weight": weight}))  # fmt: skip
+                row = {"step": step, "window": w_idx, "sample_id": sid, "rank": rank,
+                       "loss": loss if math.isfinite(loss) else None,
+                       "weight": weight if math.isfinite(weight) else None}  # fmt: skip
+                if describe is not None:
+                    row.update(describe(sid))
+                lines.append(json.dumps(row))
         tmp = out / f".step_{step:08d}.jsonl.tmp"
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, out / f"step_{step:08d}.jsonl")

@@ -314,9 +314,9 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
             record.update(evaluate(engine, s.eval_data, recipe, s.pad_id))
         if every(done, recipe.log.every) or done == recipe.max_steps or "eval_loss" in record:
             logger.log(record)
-            logger.histogram("weights", windows[-1].weights, done)
+            logger.histogram("weights", torch.cat([w.weights for w in windows]), done)
         if every(done, recipe.log.samples_every):
-            logger.samples(done, windows)
+            logger.samples(done, windows, describe=s.train_data.describe)
         logger.progress(done, loss=stats["loss"], ess=stats["ess"], tok_s=record["tokens_per_s"])
         result.records.append(record)
         result.steps = done
@@ -339,9 +339,14 @@ def every(step: int, interval: int) -> bool:
 
 
 def truncate_metrics(output_dir: str, step: int) -> None:
-    """On resume, drop metrics.jsonl lines past the checkpoint (they are about to be redone)."""
+    """On resume, drop metrics.jsonl lines and sample dumps past the checkpoint (they are redone)."""
     path = Path(output_dir) / "metrics.jsonl"
-    if not dist.is_main() or not path.exists():
+    if not dist.is_main():
+        return
+    for dump in (Path(output_dir) / "samples").glob("step_*.jsonl"):
+        if int(dump.stem.split("_")[1]) > step:
+            dump.unlink()
+    if not path.exists():
         return
     keep = [
         line

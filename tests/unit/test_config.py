@@ -131,3 +131,12 @@ def test_validate_cli_rejects_typo_with_the_key(tmp_path):
                         capture_output=True, text=True)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert '"train_batch_size": 2' in ok.stdout
+
+
+def test_trim_top_that_trims_nothing_is_refused(tmp_path):
+    over = ["reweight.scheme=irdro", "reweight.trim_top=0.1", "micro_batch_size=4"]
+    with pytest.raises(
+        ConfigError, match=r"reweight.trim_top: floor\(0.1 x window 8\) = 0 trims nothing"
+    ):
+        load_recipe(write(tmp_path, BASE), over, world_size=2)
+    load_recipe(write(tmp_path, BASE), over, world_size=3)  # window 12: one sample trimmed
