@@ -1,0 +1,244 @@
+"""Peak memory of the per-sample loss path vs the model's own `outputs.loss`, same batch.
+
+    .venv/bin/python benchmarks/bench_loss_memory.py --reps 3            # SmolLM2, B=4, T=512
+    .venv/bin/python benchmarks/bench_loss_memory.py --model tiny --reps 3
+
+Variants, each one forward + backward of the same batch in a fresh process (so the allocator
+starts clean), in alternating order (A B C, C B A, ...):
+
+- `hf_loss`: `model(input_ids, attention_mask, labels=labels).loss.backward()` (HF's
+  ForCausalLMLoss: one cross-entropy over the flattened [B*T, V] logits).
+- `irdro_per_sample`: `irdro.model.per_sample_nll(logits, labels)` then `(w * losses).sum()`
+  backward (what irdro.train does).
+- `chunked_fn` (a candidate fix, defined here, not in irdro): a custom autograd function that
+  computes the per-sample losses one row at a time without saving any [T, V] intermediate and, in
+  backward, writes softmax - onehot row by row into one gradient buffer.
+
+Peak = VmHWM of the process during forward + backward (reset just before; /proc/self/clear_refs);
+"above baseline" = peak - RSS just before the forward (model, inputs already resident). A first
+check runs all three on a small batch and compares losses and gradients.
+
+Results: benchmarks/results/bench_loss_memory.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from common import PY, SONNETS, TINY_LLAMA, median, say, smollm2, write_results
+
+VARIANTS = ("hf_loss", "irdro_per_sample", "chunked_fn")
+
+
+def status_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def chunked_per_sample_nll(logits, labels, chunk: int = 128):
+    """Same contract as irdro.model.per_sample_nll, but saves nothing of size [T, V] for backward:
+    forward runs under no_grad in chunks of `chunk` positions; backward writes
+    grad_sum_b * (softmax - onehot) chunk by chunk into one [B, T, V] buffer (the logits' grad,
+    which autograd needs anyway). Extra memory: O(chunk x V) instead of O(B x T x V)."""
+    import torch
+    import torch.nn.functional as F
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, targets):
+            bsz, t = targets.shape
+            sums = torch.zeros(bsz, dtype=torch.float32, device=logits.device)
+            for b in range(bsz):
+                for s in range(0, t, chunk):
+                    sums[b] += F.cross_entropy(logits[b, s : min(s + chunk, t)].float(),
+                                               targets[b, s : s + chunk], ignore_index=-100,
+                                               reduction="sum")  # fmt: skip
+            ctx.save_for_backward(logits, targets)
+            return sums
+
+        @staticmethod
+        def backward(ctx, grad_sums):
+            logits, targets = ctx.saved_tensors
+            bsz, t = targets.shape
+            grad = torch.zeros_like(logits)
+            for b in range(bsz):
+                for s in range(0, t, chunk):
+                    e = min(s + chunk, t)
+                    g = torch.softmax(logits[b, s:e].float(), dim=-1)
+                    tgt = targets[b, s:e]
+                    valid = tgt != -100
+                    rows = torch.nonzero(valid).squeeze(1)
+                    g[rows, tgt[rows]] -= 1.0
+                    g[~valid] = 0.0
+                    grad[b, s:e] = g.mul_(grad_sums[b])
+            return grad, None
+
+    targets = labels[:, 1:]
+    counts = (targets != -100).sum(dim=1)
+    sums = _Fn.apply(logits, targets.contiguous())
+    return sums / counts.clamp(min=1).to(torch.float32), counts
+
+
+def load(model_name: str, dtype: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if model_name == "smollm2":
+        path = smollm2()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation="sdpa"
+        )
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA), dtype=torch_dtype,
+                                                 attn_implementation="sdpa")  # fmt: skip
+        from common import gpt2_tokenizer
+
+        tok = AutoTokenizer.from_pretrained(gpt2_tokenizer())
+    model.config.use_cache = False
+    return model, tok
+
+
+def batch(tok, bsz: int, seq: int):
+    """bsz rows of seq tokens of continuous sonnet text; the last row ends in 64 padding tokens
+    (labels -100) so both paths see some unsupervised positions."""
+    import torch
+
+    text = "\n\n".join(json.loads(x)["text"] for x in SONNETS.read_text().splitlines())
+    ids = tok(text, add_special_tokens=False)["input_ids"][: bsz * seq]
+    input_ids = torch.tensor(ids).view(bsz, seq)
+    attention = torch.ones_like(input_ids)
+    attention[-1, -64:] = 0
+    labels = input_ids.masked_fill(attention == 0, -100)
+    return input_ids, attention, labels
+
+
+def step(model, variant: str, input_ids, attention, labels):
+    from irdro.model import per_sample_nll
+
+    if variant == "hf_loss":
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        return loss
+    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    fn = per_sample_nll if variant == "irdro_per_sample" else chunked_per_sample_nll
+    losses, counts = fn(logits, labels)
+    weights = counts.float() / counts.sum()  # token-weighted: the same objective as HF's mean
+    loss = (weights * losses).sum()
+    loss.backward()
+    return loss
+
+
+def worker(args) -> int:
+    import torch
+
+    torch.manual_seed(0)
+    model, tok = load(args.model, args.dtype)
+    input_ids, attention, labels = batch(tok, args.bsz, args.seq)
+    base = status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    loss = step(model, args.variant, input_ids, attention, labels)
+    peak = status_kb("VmHWM")
+    print(json.dumps({"variant": args.variant, "loss": float(loss), "baseline_mb": base / 1024,
+                      "peak_mb": peak / 1024, "above_baseline_mb": (peak - base) / 1024}))  # fmt: skip
+    return 0
+
+
+def check(args) -> dict:
+    """Losses and gradients of the three paths on a small batch agree (to fp32 rounding)."""
+    import torch
+
+    model, tok = load(args.model, "fp32")
+    input_ids, attention, labels = batch(tok, 2, 64)
+    out = {}
+    for variant in VARIANTS:
+        model.zero_grad(set_to_none=True)
+        loss = step(model, variant, input_ids, attention, labels)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        out[variant] = (float(loss), grads)
+    ref_loss, ref_grad = out["hf_loss"]
+    return {
+        v: {
+            "loss_abs_diff": abs(loss - ref_loss),
+            "grad_max_abs_diff": float((g - ref_grad).abs().max()),
+        }  # fmt: skip
+        for v, (loss, g) in out.items()
+        if v != "hf_loss"
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--bsz", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # worker mode
+    args = p.parse_args()
+    if args.variant:
+        return worker(args)
+    agreement = check(args)
+    say(f"agreement with hf_loss: {agreement}")
+    runs = []
+    for rep in range(args.reps):
+        for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
+            cmd = [PY, __file__, "--model", args.model, "--dtype", args.dtype, "--bsz",
+                   str(args.bsz), "--seq", str(args.seq), "--variant", variant]  # fmt: skip
+            res = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "2",
+                                 "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})  # fmt: skip
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr[-3000:])
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row["rep"] = rep
+            runs.append(row)
+            say(f"rep {rep} {variant}: peak {row['peak_mb']:.0f} MB, above baseline "
+                f"{row['above_baseline_mb']:.0f} MB")  # fmt: skip
+    table = []
+    for v in VARIANTS:
+        rows = [r for r in runs if r["variant"] == v]
+        hf = {r["rep"]: r for r in runs if r["variant"] == "hf_loss"}
+        table.append({
+            "variant": v,
+            "peak_mb_median": median([r["peak_mb"] for r in rows]),
+            "above_baseline_mb_median": median([r["above_baseline_mb"] for r in rows]),
+            "peak_ratio_vs_hf": median([r["peak_mb"] / hf[r["rep"]]["peak_mb"] for r in rows]),
+            "above_baseline_ratio_vs_hf": median(
+                [r["above_baseline_mb"] / hf[r["rep"]]["above_baseline_mb"] for r in rows]),
+            "loss": rows[0]["loss"],
+        })  # fmt: skip
+    vocab = 49152 if args.model == "smollm2" else TINY_LLAMA["vocab_size"]
+    fp32_logits_mb = args.bsz * args.seq * vocab * 4 / 2**20
+    lines = [
+        "# Per-sample loss memory (generated by benchmarks/bench_loss_memory.py)",
+        "",
+        f"{args.model}, {args.dtype}, batch {args.bsz} x {args.seq} tokens, vocab {vocab}: one "
+        f"fp32 [B, T, V] tensor is {fp32_logits_mb:.0f} MB. One process, one forward + backward "
+        f"per launch, {args.reps} launches per variant in alternating order; medians.",
+        "",
+        "| variant | peak RSS (MB) | peak / hf_loss | above baseline (MB) | above baseline / "
+        "hf_loss |",
+        "|---|---|---|---|---|",
+    ]
+    for t in table:
+        lines.append(f"| {t['variant']} | {t['peak_mb_median']:.0f} | {t['peak_ratio_vs_hf']:.3f} | "
+                     f"{t['above_baseline_mb_median']:.0f} | "
+                     f"{t['above_baseline_ratio_vs_hf']:.3f} |")  # fmt: skip
+    lines += ["", "Agreement with hf_loss on a 2 x 64 batch (fp32): " + ", ".join(
+        f"{v}: |dloss| {a['loss_abs_diff']:.2e}, max |dgrad| {a['grad_max_abs_diff']:.2e}"
+        for v, a in agreement.items())]  # fmt: skip
+    md = "\n".join(lines) + "\n"
+    write_results(f"bench_loss_memory_{args.model}_{args.dtype}",
+                  {"config": vars(args), "agreement": agreement, "table": table, "runs": runs}, md)  # fmt: skip
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Shared helpers of the benchmarks: assets, data, launching N gloo ranks, statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(os.environ.get("IRDRO_CACHE", Path.home() / ".cache" / "irdro"))
+BENCH = CACHE / "bench-issue6"  # not ~/.cache/irdro/bench: another engineer uses that
+# DeepSpeed's shm_comm op kept being rebuilt in the shared ~/.cache/torch_extensions (other
+# processes on this box build it with other settings): the benchmarks use their own dir.
+EXTENSIONS = CACHE / "torch_extensions_issue6"
+SONNETS = ROOT / "tests" / "fixtures" / "shakespeare" / "sonnets.jsonl"
+PY = sys.executable
+
+# The tiny model of recipes/tiny/cpu_smoke.yaml (random init, GPT-2 tokenizer).
+TINY_LLAMA = dict(
+    model_type="llama", vocab_size=50257, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
+)  # fmt: skip
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def gpt2_tokenizer() -> Path:
+    out = CACHE / "assets" / "gpt2-tokenizer"
+    if not (out / "tokenizer.json").exists():
+        subprocess.run([PY, str(ROOT / "tools" / "fetch_assets.py"), "gpt2-tokenizer",
+                        "--output", str(out)], check=True)  # fmt: skip
+    return out
+
+
+def smollm2() -> Path:
+    out = CACHE / "assets" / "smollm2-135m-instruct"
+    if not (out / "model.safetensors").exists():
+        subprocess.run([PY, str(ROOT / "tools" / "fetch_assets.py"), "smollm2"], check=True)
+    return out
+
+
+def sonnet_shards(tokenizer: Path, name: str, seq_len: int) -> Path:
+    """The sonnets fixture sharded with `tokenizer` (built once under $IRDRO_CACHE/bench)."""
+    from irdro.data import prepare_text
+
+    out = BENCH / "data" / name
+    if not (out / "manifest.json").exists():
+        prepare_text([str(SONNETS)], str(tokenizer), str(out), seq_len=seq_len,
+                     eval_fraction=0.0, seed=0, overwrite=True, progress=False)  # fmt: skip
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(recipe: dict, world_size: int, timeout: float = 1800) -> dict:
+    """Train `recipe` on `world_size` local gloo ranks (benchmarks/rank_entry.py, no launcher).
+
+    Returns {"ranks": [rank_entry JSON per rank], "metrics": metrics.jsonl records}.
+    """
+    with tempfile.TemporaryDirectory(prefix="irdro-bench-") as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        port = free_port()
+        procs = []
+        for rank in range(world_size):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}  # fmt: skip
+            log = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
+            cmd = [PY, str(ROOT / "benchmarks" / "rank_entry.py"), str(Path(tmp) / f"r{rank}.json"),
+                   str(path)]  # fmt: skip
+            procs.append(
+                (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+            )
+        try:
+            for p, _ in procs:
+                p.wait(timeout=timeout)
+        finally:
+            for p, f in procs:
+                if p.poll() is None:
+                    p.kill()
+                f.close()
+        ranks = []
+        for rank, (p, _) in enumerate(procs):
+            res = Path(tmp) / f"r{rank}.json"
+            if p.returncode != 0 or not res.exists():
+                tail = (Path(tmp) / f"log{rank}.txt").read_text()[-4000:]
+                raise RuntimeError(f"rank {rank} exited {p.returncode}:\n{tail}")
+            ranks.append(json.loads(res.read_text()))
+    metrics = Path(recipe["output_dir"]) / "metrics.jsonl"
+    return {"ranks": ranks, "metrics": [json.loads(x) for x in metrics.read_text().splitlines()]}
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown)

@@ -1,0 +1,54 @@
+"""One training rank for the benchmarks: `python benchmarks/rank_entry.py OUT_JSON RECIPE [k=v ...]`
+(OUT_JSON may contain `{rank}`, so the deepspeed launcher can start it: `deepspeed --num_gpus 2
+--no_local_rank benchmarks/rank_entry.py 'out.{rank}.json' RECIPE`).
+
+Runs `irdro.train.main` unchanged, but resets the kernel's peak-RSS counter (VmHWM, via
+/proc/self/clear_refs) once setup is done (model loaded, engine built), so the peak it reports is
+the training loop's, not the model load's. Writes {rank, rc, peak_rss_train_kb, rss_after_setup_kb,
+peak_rss_setup_kb, peak_rss_total_kb} to OUT_JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def status_kb(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1))
+
+
+def main() -> int:
+    out, argv = sys.argv[1].replace("{rank}", os.environ.get("RANK", "0")), sys.argv[2:]
+    import irdro.train as train_mod
+
+    info: dict = {"rank": int(os.environ.get("RANK", "0"))}
+    original_setup = train_mod.setup
+
+    def setup(recipe):
+        result = original_setup(recipe)
+        info["rss_after_setup_kb"] = status_kb("VmRSS")
+        info["peak_rss_setup_kb"] = status_kb("VmHWM")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        return result
+
+    train_mod.setup = setup  # train() looks `setup` up in its module at call time
+    rc = train_mod.main(argv)
+    info.update(
+        rc=rc,
+        peak_rss_train_kb=status_kb("VmHWM"),
+    )
+    info["peak_rss_total_kb"] = max(info.get("peak_rss_setup_kb", 0), info["peak_rss_train_kb"])
+    Path(out).write_text(json.dumps(info))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
