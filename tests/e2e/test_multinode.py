@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,21 +37,21 @@ def node_command(run_dir: Path, data: Path, tokenizer: Path, hostfile: Path, nod
             "--master_port", str(port), *one_node[one_node.index("--module"):]]  # fmt: skip
 
 
-def run_nodes(cmds: list[list[str]], logs: list[Path], timeout: float, pgids: list[int] | None = None) -> list[int | None]:  # fmt: skip
+def run_nodes(cmds: list[list[str]], logs: list[Path], timeout: float,
+              stop: Callable[[list[subprocess.Popen]], bool] | None = None) -> list[int | None]:  # fmt: skip
     """Start every node's launcher in its own session, output to `logs`; return their exit codes
-    (None: killed at the timeout); `pgids` receives the process-group ids. A node that fails ends the others at once (its peers would wait for it until the
-    process-group timeout), and every launcher's process group is killed on the way out."""
+    (None: still running at the timeout, or when `stop(procs)` said so, then killed). A node that
+    fails ends the others at once (its peers would wait for it until the process-group timeout),
+    and every launcher's process group is killed on the way out."""
     procs = []
     try:
         for cmd, path in zip(cmds, logs, strict=True):
             with open(path, "w") as log:
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))  # fmt: skip
-            if pgids is not None:
-                pgids.append(procs[-1].pid)
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.returncode not in (None, 0) for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs) or (stop and stop(procs)):
                 break
             time.sleep(0.2)
         return [p.poll() for p in procs]
@@ -117,33 +119,46 @@ def test_two_nodes_no_ssh_equal_one_node_two_ranks(tmp_path, smoke_data, gpt2_to
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_failed_node_takes_its_peer_down(tmp_path, smoke_data, gpt2_tokenizer_dir):
-    """Node 0 rejects its recipe; node 1 would wait for it at the rendezvous for minutes. Both
-    launchers and everything they started are gone right after."""
+def test_hung_nodes_are_killed(tmp_path, smoke_data, gpt2_tokenizer_dir):
+    """Node 0 freezes mid-run (SIGSTOP), so node 1 blocks in the next collective: run_nodes kills
+    both launchers and everything they started. (Frozen after the start-up, not during it: a rank
+    killed while it loads DeepSpeed's JIT op can leave a stale lock in ~/.cache/torch_extensions
+    that hangs every later run on the machine.)"""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = free_port()
-    cmds = [node_command(tmp_path / "run", smoke_data, gpt2_tokenizer_dir, hostfile, r, port) for r in (0, 1)]  # fmt: skip
-    cmds[0].append("optim.lr=fast")
-    logs, pgids = [tmp_path / f"node{r}.log" for r in (0, 1)], []
-    t0 = time.monotonic()
-    codes = run_nodes(cmds, logs, timeout=240, pgids=pgids)
-    assert codes[0] == 2 and codes[1] is None, (codes, logs[0].read_text()[-2000:])
-    assert time.monotonic() - t0 < 200
+    port, run_dir = free_port(), tmp_path / "run"
+    cmds = [
+        node_command(run_dir, smoke_data, gpt2_tokenizer_dir, hostfile, r, port) + ["max_steps=50"]
+        for r in (0, 1)
+    ]
+    frozen_at: list[float] = []
+
+    def freeze_node0(procs: list[subprocess.Popen]) -> bool:
+        if not frozen_at and (run_dir / "metrics.jsonl").exists():  # step 0 eval: past start-up
+            os.killpg(procs[0].pid, signal.SIGSTOP)
+            frozen_at.append(time.monotonic())
+        return bool(frozen_at) and time.monotonic() - frozen_at[0] > 3
+
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    codes = run_nodes(cmds, logs, timeout=300, stop=freeze_node0)
+    assert frozen_at, "the run never got past start-up:\n" + logs[0].read_text()[-2000:]
+    assert codes == [None, None], f"node 1 did not wait for the frozen node 0: {codes}"
+    text = "".join(p.read_text() for p in logs)
+    rank_pids = [int(x) for x in re.findall(r"process (\d+) spawned", text)]
     deadline = time.monotonic() + 10
-    alive = list(pgids)
+    alive = list(rank_pids)
     while alive and time.monotonic() < deadline:
-        alive = [g for g in alive if group_exists(g)]
+        alive = [pid for pid in alive if pid_exists(pid)]
         time.sleep(0.1)
-    assert not alive, f"process groups {alive} outlived run_nodes"
+    assert len(rank_pids) == 2 and not alive, f"ranks {alive} outlived run_nodes"
 
 
-def group_exists(pgid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """A live (not zombie) process `pid`."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
 
 
 @pytest.mark.slow
