@@ -73,6 +73,19 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
     with open(root / tag / f"irdro_rng_rank{dist.global_rank()}.pkl", "wb") as f:
         pickle.dump(rng_state(), f)
     dist.barrier()
+    problem = None
+    if dist.is_main():
+        missing = [
+            r
+            for r in range(dist.world_size())
+            if not (root / tag / f"irdro_rng_rank{r}.pkl").is_file()
+        ]
+        if missing:
+            problem = (f"{root / tag}: rank 0 cannot see the files of ranks {missing}; output_dir must be on "
+                       "a filesystem every node shares (docs/multinode.md)")  # fmt: skip
+    problem = dist.broadcast_object(problem)
+    if problem:  # every rank raises together: no one waits at the next barrier
+        raise RuntimeError(problem)
     if dist.is_main():
         files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.is_file()}
         marker = {"step": step, "world_size": client_state["world_size"], "files": files}

@@ -35,6 +35,10 @@ def global_rank() -> int:
     return tdist.get_rank() if is_initialized() else 0
 
 
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
 def is_main() -> bool:
     return global_rank() == 0
 

@@ -13,7 +13,7 @@ import socket
 
 import torch
 
-from irdro.config import OptimConfig, Recipe, offloads_optimizer
+from irdro.config import ConfigError, OptimConfig, Recipe, offloads_optimizer
 
 
 def init_distributed() -> None:
@@ -22,6 +22,13 @@ def init_distributed() -> None:
     import deepspeed
 
     if "RANK" not in os.environ:
+        others = {k: v for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+                  if (v := os.environ.get(k, "1")).isdigit() and int(v) > 1}  # fmt: skip
+        if others:  # mpirun / srun -n N without the deepspeed launcher: each would train alone
+            raise ConfigError(
+                f"started as one of several processes ({others}) without RANK; launch with `deepspeed` "
+                "(one `deepspeed --no_ssh --node_rank R` per node, see docs/multinode.md)"
+            )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
