@@ -4,19 +4,21 @@
     .venv/bin/python benchmarks/bench_loss_memory.py --model tiny --reps 3
 
 Variants, each one forward + backward of the same batch in a fresh process (so the allocator
-starts clean), in alternating order (A B C, C B A, ...):
+starts clean), in alternating order (A B C D, D C B A, ...):
 
 - `hf_loss`: `model(input_ids, attention_mask, labels=labels).loss.backward()` (HF's
   ForCausalLMLoss: one cross-entropy over the flattened [B*T, V] logits).
 - `irdro_per_sample`: `irdro.model.per_sample_nll(logits, labels)` then `(w * losses).sum()`
   backward (what irdro.train does).
+- `flat_padded` (a candidate fix, defined here): one `F.cross_entropy(..., reduction="none")`
+  over the flattened logits with HF's label-padding shift, then a per-row sum.
 - `chunked_fn` (a candidate fix, defined here, not in irdro): a custom autograd function that
   computes the per-sample losses one row at a time without saving any [T, V] intermediate and, in
   backward, writes softmax - onehot row by row into one gradient buffer.
 
 Peak = VmHWM of the process during forward + backward (reset just before; /proc/self/clear_refs);
 "above baseline" = peak - RSS just before the forward (model, inputs already resident). A first
-check runs all three on a small batch and compares losses and gradients.
+check runs all four on a small batch and compares losses and gradients.
 
 Results: benchmarks/results/bench_loss_memory.{md,json}.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from common import PY, SONNETS, TINY_LLAMA, median, say, smollm2, write_results
 
-VARIANTS = ("hf_loss", "irdro_per_sample", "chunked_fn")
+VARIANTS = ("hf_loss", "irdro_per_sample", "flat_padded", "chunked_fn")
 
 
 def status_kb(field: str) -> int:
@@ -83,6 +85,21 @@ def chunked_per_sample_nll(logits, labels, chunk: int = 128):
     return sums / counts.clamp(min=1).to(torch.float32), counts
 
 
+def flat_per_sample_nll(logits, labels):
+    """Same contract as irdro.model.per_sample_nll, with HF's memory profile: one cross-entropy
+    over the flattened, unsliced logits (targets shifted by padding the labels, as HF does, so no
+    [B, T-1, V] slice copy) with reduction="none", then a per-row sum."""
+    import torch
+    import torch.nn.functional as F
+
+    bsz, t = labels.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    counts = (targets != -100).sum(dim=1)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                          reduction="none")  # fmt: skip
+    return nll.view(bsz, t).sum(dim=1) / counts.clamp(min=1).to(torch.float32), counts
+
+
 def load(model_name: str, dtype: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -120,19 +137,28 @@ def batch(tok, bsz: int, seq: int):
 
 
 def step(model, variant: str, input_ids, attention, labels):
-    from irdro.model import per_sample_nll
-
     if variant == "hf_loss":
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
         return loss
-    logits = model(input_ids=input_ids, attention_mask=attention).logits
-    fn = per_sample_nll if variant == "irdro_per_sample" else chunked_per_sample_nll
-    losses, counts = fn(logits, labels)
+    if variant == "irdro_per_sample":  # the training path itself: irdro.train.forward_losses
+        from irdro.train import forward_losses
+
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        losses, counts = forward_losses(model, batch)
+    else:
+        losses, counts = candidate_losses(model, variant, input_ids, attention, labels)
     weights = counts.float() / counts.sum()  # token-weighted: the same objective as HF's mean
     loss = (weights * losses).sum()
     loss.backward()
     return loss
+
+
+def candidate_losses(model, variant: str, input_ids, attention, labels):
+    """Like forward_losses: the logits go out of scope on return (autograd keeps what it needs)."""
+    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    fn = flat_per_sample_nll if variant == "flat_padded" else chunked_per_sample_nll
+    return fn(logits, labels)
 
 
 def worker(args) -> int:

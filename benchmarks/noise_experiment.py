@@ -74,7 +74,12 @@ SCHEMES: dict[str, dict] = {
     "irdro_lam1_trim0.25": {"scheme": "irdro", "lam": 1.0, "trim_top": 0.25},
     "midrank_f0.25_p1": {"scheme": "midrank", "frac": 0.25, "portion": 1},
     "hardest_lam0.02": {"scheme": "irdro", "lam": 0.02},
+    # Controls added after seed 1 of the grid above had run: trimming alone (uniform weights on the
+    # rest), and the oracle that never sees a noise document (the headroom any scheme could gain).
+    "erm_trim0.25": {"scheme": "irdro", "lam": 1e6, "trim_top": 0.25},
+    "erm_clean_only": {"scheme": "erm"},
 }
+CLEAN_ONLY = {"erm_clean_only"}  # trained on shards/train_clean (the same clean documents only)
 
 CYRILLIC = dict(
     zip(
@@ -230,6 +235,20 @@ def build(args) -> None:
         summary[f"{split}_tokens"] = m["num_tokens"]
     (WORK / "corpus_summary.json").write_text(json.dumps(summary, indent=2))
     say(f"corpus: {json.dumps({k: v for k, v in summary.items() if 'works' not in k})}")
+    build_clean(args)
+
+
+def build_clean(args) -> None:
+    """shards/train_clean: the continual training documents without the noise ones."""
+    from irdro.data import prepare_text
+
+    kinds = json.loads((WORK / "doc_kinds.json").read_text())
+    lines = (WORK / "continual_train.jsonl").read_text().splitlines()
+    clean = [line + "\n" for line, k in zip(lines, kinds, strict=True) if k == "clean"]
+    (WORK / "continual_train_clean.jsonl").write_text("".join(clean))
+    prepare_text([str(WORK / "continual_train_clean.jsonl")], str(WORK / "tokenizer"),
+                 str(WORK / "shards" / "train_clean"), seq_len=SEQ_LEN, eval_fraction=0.0, seed=0,
+                 overwrite=True, progress=False)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- training
@@ -329,7 +348,14 @@ def grid(args) -> None:
     kinds = json.loads((WORK / "doc_kinds.json").read_text())
     data = ShardDataset(WORK / "shards" / "train")
     sample_doc = [int(data[i].doc_id) for i in range(len(data))]
-    names = list(SCHEMES)
+    if (
+        any(n in CLEAN_ONLY for n in args.schemes or SCHEMES)
+        and not (WORK / "shards" / "train_clean" / "manifest.json").exists()
+    ):
+        build_clean(args)
+    clean_data = ShardDataset(WORK / "shards" / "train_clean")
+    clean_doc = [0] * len(clean_data)  # every sample's doc is clean
+    names = args.schemes or list(SCHEMES)
     for s_idx, seed in enumerate(args.seeds):
         shift = s_idx * 3 % len(names)  # a different scheme order per seed (drift on a shared box)
         for name in names[shift:] + names[:shift]:
@@ -344,6 +370,8 @@ def grid(args) -> None:
             recipe["optim"] = {"name": "adamw", "lr": args.lr, "weight_decay": 0.0,
                                "grad_clip": 1.0, "scheduler": "constant"}  # fmt: skip
             recipe["log"]["samples_every"] = 1
+            if name in CLEAN_ONLY:
+                recipe["data"]["train"] = str(WORK / "shards" / "train_clean")
             t0 = time.perf_counter()
             res = run(recipe, timeout=1800)
             wall = time.perf_counter() - t0
@@ -358,7 +386,8 @@ def grid(args) -> None:
                 "train_loss_last20": float(np.mean([r["loss"] for r in recs[-20:]])),
                 "ess_mean": float(np.mean([r["ess"] for r in recs])),
                 "skipped": int(sum(r["skipped"] for r in recs)), "wall_s": wall,
-                **noise_weight(run_dir, kinds, sample_doc),
+                **(noise_weight(run_dir, ["clean"], clean_doc) if name in CLEAN_ONLY
+                   else noise_weight(run_dir, kinds, sample_doc)),
             }  # fmt: skip
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -456,12 +485,19 @@ def plot(table: list[dict]) -> None:
     names = [t["name"] for t in table]
     x = range(len(names))
     for i, t in enumerate(table):
-        a.scatter([i] * len(t["ppl"]), t["ppl"], color="C0", s=18, zorder=3)
-        a.errorbar(i, t["ppl_mean"], yerr=t["ppl_std"], fmt="_", color="k", ms=18, capsize=4)
-    a.axhline(table[0]["ppl_mean"], color="grey", ls="--", lw=0.8, label="ERM mean")
+        rel = t["ppl_vs_erm"]
+        a.scatter([i] * len(rel), rel, color="C0", s=18, zorder=3)
+        a.plot([i - 0.3, i + 0.3], [statistics.mean(rel)] * 2, color="k", lw=1.5)
+    a.axhline(
+        1.0, color="grey", ls="--", lw=0.8, label=f"ERM (clean ppl {table[0]['ppl_mean']:.1f})"
+    )
+    a.set_yscale("log")
+    ticks = [0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 2.5]
+    a.set_yticks(ticks, [f"{v:g}" for v in ticks])
+    a.minorticks_off()
     a.set_xticks(list(x), names, rotation=35, ha="right")
-    a.set_ylabel("clean held-out perplexity (lower is better)")
-    a.set_title("Clean perplexity after continual training (dots: seeds)")
+    a.set_ylabel("clean ppl / ERM ppl, same seed (lower = better)")
+    a.set_title("Clean perplexity after continual training (dots: seeds, bar: mean)")
     a.legend()
     bottom = [0.0] * len(table)
     for k, c in (("random_tokens", "C3"), ("shuffled_chars", "C1"), ("cyrillic", "C4")):
@@ -491,6 +527,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=CONTINUAL_STEPS, help="continual steps per run")
     p.add_argument("--lr", type=float, default=CONTINUAL_LR)
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument(
+        "--schemes",
+        nargs="+",
+        choices=list(SCHEMES),
+        default=None,
+        help="grid: only these schemes (default: all)",
+    )
     args = p.parse_args()
     stages = ["build", "pretrain", "grid", "report"] if args.stage == "all" else [args.stage]
     for s in stages:
