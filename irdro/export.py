@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -56,6 +57,36 @@ def resolve_tag(run_dir: Path, tag: str | None) -> Path:
     return tag_dir
 
 
+# safetensors dtype names of the tensors an export can hold.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+
+
+def _write_safetensors(path: Path, names: list[str], specs: dict[str, tuple[torch.Size, torch.dtype]],
+                       materialise, metadata: dict[str, str]) -> None:  # fmt: skip
+    """Write one safetensors file tensor by tensor: the header from the planned shapes first, then
+    each tensor's bytes as soon as it is materialised, so at most one tensor is in memory
+    (safetensors' save_file needs the whole shard as a dict of tensors)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        shape, dtype = specs[name]
+        nbytes = shape.numel() * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            t = materialise(name)
+            assert t.shape == specs[name][0] and t.dtype == specs[name][1], name
+            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del t
+
+
 def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     used = 0
@@ -75,7 +106,6 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
 
     Returns a summary: tag, number of tensors and shards, bytes written, seconds.
     """
-    from safetensors.torch import save_file
     from transformers import AutoConfig
 
     t0 = time.perf_counter()
@@ -106,6 +136,8 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
         for n in names
     }
     shards = _plan_shards(names, sizes, parse_size(max_shard_size))
+    specs = {n: (torch.Size(state[n].shape), target if state[n].dtype.is_floating_point
+                 else state[n].dtype) for n in names}  # fmt: skip
 
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -127,15 +159,16 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-            tensors = {}
-            for name in shard:
+
+            def materialise(name: str) -> torch.Tensor:
                 t = state[name]
                 t = t.contiguous() if not isinstance(t, torch.Tensor) else t
-                tensors[name] = t.to(target) if t.dtype.is_floating_point else t
+                return t.to(target) if t.dtype.is_floating_point else t
+
+            _write_safetensors(tmp / fname, shard, specs, materialise, {"format": "pt"})
+            for name in shard:
                 weight_map[name] = fname
                 bar.update(sizes[name])
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            del tensors
         bar.close()
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
@@ -175,16 +208,23 @@ def verify(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | 
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = consolidated_fp32(resolve_tag(run_dir, tag))
     target = DTYPES[dtype]
-    full = {}
-    for name, t in state.items():
-        t = t.contiguous() if not isinstance(t, torch.Tensor) else t
-        full[name] = t.to(target).float() if t.dtype.is_floating_point else t
-    missing, unexpected = reference.load_state_dict(full, strict=False)
+    # Fill the reference one tensor at a time (no second full copy of the weights); tied names
+    # map to one tensor, so both are accepted.
+    slots = dict(reference.named_parameters(remove_duplicate=False))
+    slots.update(reference.named_buffers(remove_duplicate=False))
+    unexpected = [name for name in state if name not in slots]
+    saved_names = set(reference.state_dict())
+    missing = [name for name in slots if name not in state and name in saved_names]
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ExportError(
             f"checkpoint and config disagree: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
+    with torch.no_grad():
+        for name, t in state.items():
+            t = t.contiguous() if not isinstance(t, torch.Tensor) else t
+            slots[name].copy_(t.to(target).float() if t.dtype.is_floating_point else t)
+    del state  # unmaps the checkpoint's optimizer files
     if config.tie_word_embeddings:
         reference.tie_weights()
     ids = probe_tokens(config.vocab_size)

@@ -29,7 +29,15 @@ from irdro import __version__, dist
 from irdro.checkpoint import find_resume, prepare_elastic
 from irdro.checkpoint import load as load_checkpoint
 from irdro.checkpoint import save as save_checkpoint
-from irdro.config import ConfigError, Recipe, dump_yaml, load_recipe, resolve_ds_config, validate
+from irdro.config import (
+    ConfigError,
+    Recipe,
+    dump_yaml,
+    load_recipe,
+    resolve_ds_config,
+    resolve_path,
+    validate,
+)
 from irdro.data import (
     DataError,
     GlobalOrder,
@@ -227,6 +235,11 @@ def write_run_files(recipe: Recipe, ds_config: dict, model, tokenizer) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if recipe.model.path is not None:  # the base model's licence travels with every export
+        for name in ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "SOURCE.txt", "SOURCE.json"):
+            src = resolve_path(recipe.model.path) / name
+            if src.is_file():
+                shutil.copy2(src, tmp / name)
     shutil.rmtree(out / "hf", ignore_errors=True)
     os.replace(tmp, out / "hf")
 
