@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo demo-data test test-fast lint format clean
+.PHONY: setup demo demo-tiny demo-data test test-fast lint format clean
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,12 @@ data/sonnets/train/manifest.json: assets/gpt2-tokenizer/tokenizer.json
 
 demo-data: data/sonnets/train/manifest.json
 
-demo: setup demo-data
+# The README demo: real SmolLM2-135M, IR-DRO on 2 ZeRO-3 CPU ranks, perplexity, export, generation, plots.
+demo: setup
+	$(BIN)/python tools/demo.py
+
+# A one-minute smoke run: random tiny Llama with the GPT-2 tokenizer.
+demo-tiny: setup demo-data
 	$(BIN)/deepspeed --num_gpus 2 --module irdro.train recipes/tiny/cpu_smoke.yaml
 	@echo "run directory: runs/tiny_cpu_smoke (metrics.jsonl, checkpoints/, tensorboard/)"
 

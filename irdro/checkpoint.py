@@ -237,8 +237,12 @@ def consolidated_fp32(tag_dir: Path) -> dict:
     """Lazily consolidated fp32 weights of a saved ZeRO-2/3 tag: name -> tensor or lazy tensor
     (call `.contiguous()` to materialise one; the optimizer files are memory-mapped, so only the
     tensors being written are resident). Tied parameters map to the same object."""
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True
-    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True
+        )
