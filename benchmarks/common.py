@@ -113,7 +113,31 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def environment() -> dict:
+    """When and on what a result was measured (the load average says how shared the box was)."""
+    import platform
+
+    import deepspeed
+    import torch
+    import transformers
+
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def write_results(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown)
+    env = environment()
+    (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, **payload}, indent=2))
+    title, _, rest = markdown.partition("\n")
+    line = (f"Measured {env['date_utc']} UTC on {env['cpus']} CPUs, load average "
+            f"{env['load_average']} at the end (a shared machine); torch {env['torch']}, "
+            f"deepspeed {env['deepspeed']}, transformers {env['transformers']}.")  # fmt: skip
+    (RESULTS / f"{name}.md").write_text(f"{title}\n\n{line}\n{rest}")
