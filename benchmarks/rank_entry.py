@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +41,20 @@ def main() -> int:
         return result
 
     train_mod.setup = setup  # train() looks `setup` up in its module at call time
+    # Wall-clock time of every metrics record (logged once per step): the interval between two
+    # records is the whole loop iteration (data, step, token count, grad norm, logging).
+    log_times: list[tuple[int, float]] = []
+    original_log = train_mod.RankZeroLogger.log
+
+    def log(self, record):
+        log_times.append((int(record.get("step", -1)), time.perf_counter()))
+        return original_log(self, record)
+
+    train_mod.RankZeroLogger.log = log
     rc = train_mod.main(argv)
     info.update(
         rc=rc,
+        log_times=log_times,
         peak_rss_train_kb=status_kb("VmHWM"),
     )
     info["peak_rss_total_kb"] = max(info.get("peak_rss_setup_kb", 0), info["peak_rss_train_kb"])
