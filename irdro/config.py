@@ -243,6 +243,16 @@ def load_recipe(
     return recipe
 
 
+def add_recipe_arguments(parser) -> None:
+    """The `RECIPE [a.b=value ...]` positionals every irdro entry point takes (argparse)."""
+    parser.add_argument(
+        "recipe", help="recipe YAML (see recipes/), e.g. recipes/tiny/cpu_smoke.yaml"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)"
+    )
+
+
 def recipe_from_dict(raw: dict, world_size: int | None = None) -> Recipe:
     """Build and validate a recipe from a plain dict (e.g. the one saved in a checkpoint)."""
     recipe = _build(Recipe, copy.deepcopy(raw), "")

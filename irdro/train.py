@@ -32,6 +32,7 @@ from irdro.checkpoint import save as save_checkpoint
 from irdro.config import (
     ConfigError,
     Recipe,
+    add_recipe_arguments,
     dump_yaml,
     load_recipe,
     resolve_ds_config,
@@ -396,10 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="deepspeed [--num_gpus N] --module irdro.train",
         description="Train a recipe: deepspeed --num_gpus 2 --module irdro.train RECIPE [a.b=value ...]",
     )
-    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)"
-    )
+    add_recipe_arguments(parser)
     parser.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # set by the launcher

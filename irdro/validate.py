@@ -8,7 +8,13 @@ import json
 import os
 import sys
 
-from irdro.config import ConfigError, dump_yaml, load_recipe, resolve_ds_config
+from irdro.config import (
+    ConfigError,
+    add_recipe_arguments,
+    dump_yaml,
+    load_recipe,
+    resolve_ds_config,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,10 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m irdro.validate",
         description="Check a recipe: print the resolved recipe and the DeepSpeed JSON it launches with.",
     )
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/cpu_smoke.yaml")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)"
-    )
+    add_recipe_arguments(parser)
     parser.add_argument(
         "--world-size",
         type=int,

@@ -176,13 +176,7 @@ def fetch_gpt2_tokenizer(output: str) -> str:
                 "tools/fetch_assets.py\n"
             )
             _check_gpt2(AutoTokenizer.from_pretrained(built), str(built))
-            if dest.is_dir() and not any(dest.iterdir()):
-                dest.rmdir()
-            try:
-                os.rename(built, dest)
-            except OSError:
-                if not _has_tokenizer(dest):  # else a concurrent fetch won the race: fine
-                    raise
+            _publish(built, dest, done=_has_tokenizer)
         finally:
             shutil.rmtree(built, ignore_errors=True)
     return output
@@ -307,14 +301,15 @@ def _umask() -> int:
     return umask
 
 
-def _publish(built: Path, dest: Path) -> None:
-    """Rename the finished `built` dir to `dest` (an empty `dest` is replaced)."""
+def _publish(built: Path, dest: Path, done=None) -> None:
+    """Rename the finished `built` dir to `dest` (an empty `dest` is replaced). `done(dest)` says
+    whether a concurrent fetch already published a complete asset there (default: a model)."""
     if dest.is_dir() and not any(dest.iterdir()):
         dest.rmdir()
     try:
         os.rename(built, dest)
     except OSError:
-        if not _has_model(dest):  # else a concurrent fetch won the race: fine
+        if not (done or _has_model)(dest):  # else a concurrent fetch won the race: fine
             raise
 
 
