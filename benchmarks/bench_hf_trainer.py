@@ -155,6 +155,9 @@ def hf_worker(args) -> int:
                 "interval_s": [b - a for a, b in zip(ends, ends[1:], strict=False)],
                 "losses": losses,
                 "peak_rss_total_kb": hwm,
+                "deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
+                "wrapped": type(trainer.model_wrapped).__name__,
+                "distributed_type": str(trainer.accelerator.state.distributed_type),
             }
         )
     )
