@@ -232,6 +232,9 @@ def hf(args, model_dir: Path, tok: Path, data: Path, tmp: Path) -> dict:
         "interval_s": ranks[0]["interval_s"],
         "losses": ranks[0]["losses"],
         "peak_rss_total_mb": [r["peak_rss_total_kb"] / 1024 for r in ranks],
+        "engine": {
+            k: ranks[0].get(k) for k in ("deepspeed_enabled", "wrapped", "distributed_type")
+        },
     }
 
 
