@@ -107,7 +107,9 @@ def per_sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Mean next-token NLL of each sample over its supervised tokens, in fp32.
 
     Supervised means `labels != -100` (never `!= pad_token_id`: with pad == eos that would drop real
-    EOS targets). Computed one row at a time so at most one row of logits is up-cast to fp32.
+    EOS targets). fp32 logits go through one flat cross-entropy on a view of the logits (labels are
+    shifted instead, as in HF's own loss, so nothing is copied); lower-precision logits are up-cast
+    one row at a time, so at most one row's fp32 copy exists instead of the whole [B, T, V].
 
     Args:
         logits: (B, T, V) model outputs for positions 0..T-1.
@@ -118,16 +120,20 @@ def per_sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         losses: (B,) fp32 per-sample mean NLL (0 for a sample with no supervised token).
         counts: (B,) int64 supervised tokens per sample.
     """
-    targets = labels[:, 1:]
+    # targets[:, t] is what position t predicts; the last position predicts nothing.
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     counts = (targets != -100).sum(dim=1)
-    rows = []
-    for b in range(logits.shape[0]):
+    if logits.dtype == torch.float32:
         nll = F.cross_entropy(
-            logits[b, :-1].float(), targets[b], ignore_index=-100, reduction="sum"
+            logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
         )
-        rows.append(nll)
-    losses = torch.stack(rows) / counts.clamp(min=1).to(torch.float32)
-    return losses, counts
+        sums = nll.view(targets.shape).sum(dim=1)
+    else:
+        sums = torch.stack([
+            F.cross_entropy(logits[b].float(), targets[b], ignore_index=-100, reduction="sum")
+            for b in range(logits.shape[0])
+        ])  # fmt: skip
+    return sums / counts.clamp(min=1).to(torch.float32), counts
 
 
 # Attention implementations whose packed path is correct: a 4D block-diagonal mask for sdpa/eager,
