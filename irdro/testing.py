@@ -47,6 +47,17 @@ def free_port() -> int:
 
 def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = (), probe: bool = False,
               timeout: float = 300.0, env: dict | None = None) -> Run:  # fmt: skip
+    """`_run_ranks`, tried once more on a fresh port when the rendezvous port was taken in between
+    (free_port() releases it before the ranks bind it; another process can grab it)."""
+    run = _run_ranks(recipe, world_size, nan_at=nan_at, probe=probe, timeout=timeout, env=env)
+    if any("EADDRINUSE" in r.log or "address already in use" in r.log.lower() for r in run.ranks):
+        run = _run_ranks(recipe, world_size, nan_at=nan_at, probe=probe, timeout=timeout, env=env)
+    return run
+
+
+def _run_ranks(
+    recipe: dict, world_size: int, *, nan_at, probe: bool, timeout: float, env: dict | None
+) -> Run:
     """Train `recipe` (a plain dict) on `world_size` local processes and collect the results.
 
     Args:
