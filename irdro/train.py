@@ -409,11 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         train(recipe)
     except (ConfigError, DataError) as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {args.recipe}: {e}", file=sys.stderr)
+            log.error("error: %s: %s", args.recipe, e)
         return 2
     except RuntimeError as e:
         if str(e).startswith("aborting:"):
-            print(f"error: {e}", file=sys.stderr)
+            log.error("error: %s", e)
             return 3
         raise
     return 0
