@@ -177,10 +177,7 @@ class ShardDataset:
             idx += n
         if not 0 <= idx < n:
             raise IndexError(f"sample index {idx} out of range for {n} samples in {self.path}")
-        shards = self._open()
-        s = int(np.searchsorted(self._offsets, idx, side="right")) - 1
-        shard = shards[s]
-        start, end, doc_id, chunk_id = (int(v) for v in shard.index[idx - int(self._offsets[s])])
+        shard, (start, end, doc_id, chunk_id) = self._index_row(idx)
         input_ids = np.array(shard.tokens[start:end], dtype=np.int64)
         if shard.mask is None:
             labels = input_ids.copy()
@@ -189,14 +186,18 @@ class ShardDataset:
             labels = np.where(supervised, input_ids, IGNORE_INDEX)
         return Sample(idx, input_ids, labels, doc_id, chunk_id)
 
+    def _index_row(self, idx: int) -> tuple[_Shard, tuple[int, int, int, int]]:
+        """The shard holding sample `idx` (0 <= idx < len) and its [start, end, doc, chunk] row."""
+        shards = self._open()
+        s = int(np.searchsorted(self._offsets, idx, side="right")) - 1
+        row = shards[s].index[idx - int(self._offsets[s])]
+        return shards[s], tuple(int(v) for v in row)
+
     def describe(self, idx: int) -> dict[str, int]:
-        """doc_id, chunk_id and num_tokens of sample `idx` (for per-sample dumps)."""
-        sample = self[idx]
-        return {
-            "doc_id": sample.doc_id,
-            "chunk_id": sample.chunk_id,
-            "num_tokens": len(sample.input_ids),
-        }
+        """doc_id, chunk_id and num_tokens of sample `idx` from the index alone (no token reads;
+        called for every dumped sample)."""
+        _, (start, end, doc_id, chunk_id) = self._index_row(idx)
+        return {"doc_id": doc_id, "chunk_id": chunk_id, "num_tokens": end - start}
 
     def verify(self) -> None:
         """Recompute every shard file's sha256 and check the index rows are consistent.
