@@ -6,23 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-TINY_LLAMA = dict(
-    model_type="llama", vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256,
-)  # fmt: skip
-
-
-def save_tiny_model(path: Path, **overrides) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(TINY_LLAMA, **overrides)
-    torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
-    model.save_pretrained(path)
-    return path
+from dist_helpers import save_tiny_model
 
 
 @pytest.fixture(scope="session")
