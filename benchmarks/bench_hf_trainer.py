@@ -161,6 +161,9 @@ def hf_worker(args) -> int:
             }
         )
     )
+    from irdro.engine import shutdown_distributed
+
+    shutdown_distributed()
     return 0
 
 

@@ -45,7 +45,7 @@ def worker(spec_path: str) -> int:
 
     from irdro import dist
     from irdro.config import recipe_from_dict, validate
-    from irdro.engine import init_distributed
+    from irdro.engine import init_distributed, shutdown_distributed
     from irdro.train import Batches, seed_everything, setup, setup_logging, train_step
 
     spec = json.loads(Path(spec_path).read_text())
@@ -77,6 +77,7 @@ def worker(spec_path: str) -> int:
                          "rss_before_mb": rss / 1024, "peak_mb": status_kb("VmHWM") / 1024})  # fmt: skip
             step += 1
     Path(spec["out"].replace("{rank}", os.environ["RANK"])).write_text(json.dumps(rows))
+    shutdown_distributed()
     return 0
 
 

@@ -42,6 +42,20 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the process group down while the interpreter is still whole.
+
+    Call on the success path only (a rank that failed would leave the others in the barrier). Without
+    it gloo's worker threads are destroyed during interpreter finalisation, and a rank can die with
+    SIGABRT ("terminate called without an active exception") after its work is done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def build_optimizer(params, cfg: OptimConfig, ds_config: dict) -> torch.optim.Optimizer:
     """AdamW (DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on GPU) or SGD."""
     params = [p for p in params if p.requires_grad]

@@ -79,7 +79,8 @@ def _run_ranks(
         for rank in range(world_size):
             penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
                     "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                    "PYTHONFAULTHANDLER": "1"}  # fmt: skip  (a crashing rank logs its Python stack)
             logf = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
             procs.append((subprocess.Popen([sys.executable, "-m", "irdro.testing", str(spec)],
                                            env=penv, stdout=logf, stderr=subprocess.STDOUT), logf))  # fmt: skip
@@ -108,7 +109,7 @@ def _run_ranks(
 def _worker(spec_path: str) -> int:
     from irdro.checkpoint import gathered_state_dict
     from irdro.config import recipe_from_dict
-    from irdro.engine import init_distributed
+    from irdro.engine import init_distributed, shutdown_distributed
     from irdro.train import setup_logging, train
 
     spec = json.loads(Path(spec_path).read_text())
@@ -145,6 +146,8 @@ def _worker(spec_path: str) -> int:
         out["error"] = f"{type(e).__name__}: {e}"
         code = 1
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(out, default=float))
+    if code == 0:
+        shutdown_distributed()
     return code
 
 

@@ -49,7 +49,7 @@ from irdro.data import (
     sample_positions,
     tokenizer_fingerprint,
 )
-from irdro.engine import init_distributed, initialize
+from irdro.engine import init_distributed, initialize, shutdown_distributed
 from irdro.metrics import RankZeroLogger
 from irdro.model import (
     load_model,
@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         init_distributed()
         train(recipe)
+        shutdown_distributed()
     except (ConfigError, DataError) as e:
         if os.environ.get("RANK", "0") == "0":
             log.error("error: %s: %s", args.recipe, e)
