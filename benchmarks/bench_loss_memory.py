@@ -6,17 +6,16 @@
     .venv/bin/python benchmarks/bench_loss_memory.py --time --bsz 4 --seq 512 --reps 6  # time only
 
 Variants, each one forward + backward of the same batch in a fresh process (so the allocator
-starts clean), in alternating order (A B C D, D C B A, ...):
+starts clean), in alternating order (A B C, C B A, ...):
 
 - `hf_loss`: `model(input_ids, attention_mask, labels=labels).loss.backward()` (HF's
   ForCausalLMLoss: one cross-entropy over the flattened [B*T, V] logits).
 - `irdro_per_sample`: `irdro.model.per_sample_nll(logits, labels)` then `(w * losses).sum()`
-  backward (what irdro.train does).
-- `flat_padded` (a candidate fix, defined here): one `F.cross_entropy(..., reduction="none")`
+  backward (what irdro.train does): `irdro.model.token_nll`, a custom autograd function that keeps
+  only the logits and a log-sum-exp per position, and in backward writes softmax - onehot chunk by
+  chunk into the logits' gradient.
+- `flat_padded` (the plain alternative, defined here): one `F.cross_entropy(..., reduction="none")`
   over the flattened logits with HF's label-padding shift, then a per-row sum.
-- `chunked_fn` (a candidate fix, defined here, not in irdro): a custom autograd function that
-  computes the per-sample losses one row at a time without saving any [T, V] intermediate and, in
-  backward, writes softmax - onehot row by row into one gradient buffer.
 
 Peak = VmHWM of the process during forward + backward (reset just before; /proc/self/clear_refs);
 "above baseline" = peak - RSS just before the forward (model, inputs already resident). A first
@@ -36,55 +35,11 @@ from pathlib import Path
 
 from common import PY, SONNETS, TINY_LLAMA, median, say, smollm2, write_results
 
-VARIANTS = ("hf_loss", "irdro_per_sample", "flat_padded", "chunked_fn")
+VARIANTS = ("hf_loss", "irdro_per_sample", "flat_padded")
 
 
 def status_kb(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-
-def chunked_per_sample_nll(logits, labels, chunk: int = 128):
-    """Same contract as irdro.model.per_sample_nll, but saves nothing of size [T, V] for backward:
-    forward runs under no_grad in chunks of `chunk` positions; backward writes
-    grad_sum_b * (softmax - onehot) chunk by chunk into one [B, T, V] buffer (the logits' grad,
-    which autograd needs anyway). Extra memory: O(chunk x V) instead of O(B x T x V)."""
-    import torch
-    import torch.nn.functional as F
-
-    class _Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, logits, targets):
-            bsz, t = targets.shape
-            sums = torch.zeros(bsz, dtype=torch.float32, device=logits.device)
-            for b in range(bsz):
-                for s in range(0, t, chunk):
-                    sums[b] += F.cross_entropy(logits[b, s : min(s + chunk, t)].float(),
-                                               targets[b, s : s + chunk], ignore_index=-100,
-                                               reduction="sum")  # fmt: skip
-            ctx.save_for_backward(logits, targets)
-            return sums
-
-        @staticmethod
-        def backward(ctx, grad_sums):
-            logits, targets = ctx.saved_tensors
-            bsz, t = targets.shape
-            grad = torch.zeros_like(logits)
-            for b in range(bsz):
-                for s in range(0, t, chunk):
-                    e = min(s + chunk, t)
-                    g = torch.softmax(logits[b, s:e].float(), dim=-1)
-                    tgt = targets[b, s:e]
-                    valid = tgt != -100
-                    rows = torch.nonzero(valid).squeeze(1)
-                    g[rows, tgt[rows]] -= 1.0
-                    g[~valid] = 0.0
-                    grad[b, s:e] = g.mul_(grad_sums[b])
-            return grad, None
-
-    targets = labels[:, 1:]
-    counts = (targets != -100).sum(dim=1)
-    sums = _Fn.apply(logits, targets.contiguous())
-    return sums / counts.clamp(min=1).to(torch.float32), counts
 
 
 def flat_per_sample_nll(logits, labels):
@@ -168,8 +123,7 @@ def step(model, variant: str, input_ids, attention, labels):
 def candidate_losses(model, variant: str, input_ids, attention, labels):
     """Like forward_losses: the logits go out of scope on return (autograd keeps what it needs)."""
     logits = model(input_ids=input_ids, attention_mask=attention).logits
-    fn = flat_per_sample_nll if variant == "flat_padded" else chunked_per_sample_nll
-    return fn(logits, labels)
+    return flat_per_sample_nll(logits, labels)
 
 
 def worker(args) -> int:
@@ -241,8 +195,7 @@ def time_loss_paths(args) -> int:
         return run
 
     fns = {"hf_loss": hf, "irdro_per_sample": per_sample(per_sample_nll),
-           "flat_padded": per_sample(flat_per_sample_nll),
-           "chunked_fn": per_sample(chunked_per_sample_nll)}  # fmt: skip
+           "flat_padded": per_sample(flat_per_sample_nll)}  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for rep in range(args.reps):

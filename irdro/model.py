@@ -2,7 +2,8 @@
 
 Owns: loading the tokenizer and the model (from a local folder, or random-init from an inline
 config) so that under ZeRO-3 the parameters are sharded while they are created, the attention
-implementation choice, gradient checkpointing, and `per_sample_nll`. Must not: build the engine or
+implementation choice, gradient checkpointing, and the per-sample losses (`per_sample_nll`,
+`packed_sample_nll`, both on `token_nll`). Must not: build the engine or
 optimizer (irdro.engine), or reweight.
 """
 
@@ -103,13 +104,64 @@ def load_model(cfg: ModelConfig, ds_config: dict):
     return model
 
 
+# Logit elements up-cast to fp32 at once by `token_nll` (64 MB): a chunk of positions, never the
+# whole [N, V]. Small enough to hide under any model's activations, large enough that the loop over
+# chunks costs nothing next to the exp over them.
+NLL_CHUNK_ELEMENTS = 1 << 24
+
+
+class _TokenNLL(torch.autograd.Function):
+    """Next-token NLL per position that keeps nothing of size [N, V] but the logits themselves.
+
+    A plain `F.cross_entropy(logits.float(), ..., reduction="none")` saves the fp32 log-softmax
+    (a second [N, V]; a third for bf16 logits, whose fp32 copy it makes first) and in backward
+    builds a dense gradient of that before the logits' own. Here forward walks chunks of positions
+    keeping only the log-sum-exp per position; backward writes g * (softmax - onehot) chunk by chunk
+    straight into the logits' gradient. Same values and gradients (to fp32 rounding).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        step = max(1, NLL_CHUNK_ELEMENTS // logits.shape[1])
+        valid = targets != -100
+        safe = torch.where(valid, targets, 0)
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        nll = torch.empty_like(lse)
+        for s in range(0, logits.shape[0], step):
+            x = logits[s : s + step].float()
+            lse[s : s + step] = torch.logsumexp(x, dim=-1)
+            nll[s : s + step] = lse[s : s + step] - x.gather(1, safe[s : s + step, None]).squeeze(1)
+        ctx.save_for_backward(logits, safe, valid, lse)
+        return torch.where(valid, nll, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor) -> tuple[Tensor, None]:
+        logits, safe, valid, lse = ctx.saved_tensors
+        step = max(1, NLL_CHUNK_ELEMENTS // logits.shape[1])
+        g = torch.where(valid, grad_nll.float(), 0.0)
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], step):
+            p = torch.exp(logits[s : s + step].float() - lse[s : s + step, None])
+            p.scatter_add_(1, safe[s : s + step, None], torch.full_like(p[:, :1], -1.0))
+            p.mul_(g[s : s + step, None]).masked_fill_(~valid[s : s + step, None], 0.0)
+            grad[s : s + step] = p
+        return grad, None
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """(N,) fp32 NLL of `targets` under `logits` (N, V), any float dtype; 0 where targets == -100.
+
+    Equal to `F.cross_entropy(logits.float(), targets, reduction="none")` in value and gradient, at
+    the memory of the logits alone (see `_TokenNLL`)."""
+    return _TokenNLL.apply(logits, targets)
+
+
 def per_sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Mean next-token NLL of each sample over its supervised tokens, in fp32.
 
     Supervised means `labels != -100` (never `!= pad_token_id`: with pad == eos that would drop real
-    EOS targets). fp32 logits go through one flat cross-entropy on a view of the logits (labels are
-    shifted instead, as in HF's own loss, so nothing is copied); lower-precision logits are up-cast
-    one row at a time, so at most one row's fp32 copy exists instead of the whole [B, T, V].
+    EOS targets). Labels are shifted instead of the logits (as in HF's own loss), so the logits go
+    into `token_nll` as a view: nothing of size [B, T, V] is copied, in fp32 or bf16.
 
     Args:
         logits: (B, T, V) model outputs for positions 0..T-1.
@@ -123,16 +175,7 @@ def per_sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     # targets[:, t] is what position t predicts; the last position predicts nothing.
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     counts = (targets != -100).sum(dim=1)
-    if logits.dtype == torch.float32:
-        nll = F.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
-        )
-        sums = nll.view(targets.shape).sum(dim=1)
-    else:
-        sums = torch.stack([
-            F.cross_entropy(logits[b].float(), targets[b], ignore_index=-100, reduction="sum")
-            for b in range(logits.shape[0])
-        ])  # fmt: skip
+    sums = token_nll(logits.flatten(0, 1), targets.flatten()).view(targets.shape).sum(dim=1)
     return sums / counts.clamp(min=1).to(torch.float32), counts
 
 
@@ -215,8 +258,8 @@ def packed_sample_nll(
 
     Token t's target labels[t+1] counts for sample segment_ids[t+1] only if it is supervised and
     t is in the same segment (a segment's last token never predicts the next document). Per-token
-    NLLs are scatter-added into one slot per sample, one row at a time, so at most one row of
-    logits is up-cast to fp32 (as in `per_sample_nll`); no host sync.
+    NLLs (`token_nll`, as in `per_sample_nll`: no copy of the logits) are scatter-added into one
+    slot per sample; no host sync.
 
     Args:
         logits: (R, T, V) model outputs.
@@ -228,16 +271,15 @@ def packed_sample_nll(
         losses: (B,) fp32 per-sample mean NLL (0 for a sample with no supervised token).
         counts: (B,) int64 supervised tokens per sample.
     """
-    targets, seg = labels[:, 1:], segment_ids[:, 1:]
-    valid = (targets != -100) & (seg >= 0) & (segment_ids[:, :-1] == seg)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    seg = F.pad(segment_ids[:, 1:], (0, 1), value=-1)
+    # token t's target counts only inside its own document: a segment's last token predicts nothing
+    valid = (targets != -100) & (seg >= 0) & (segment_ids == seg)
     targets = torch.where(valid, targets, -100)
-    slots = seg.clamp(min=0)  # unsupervised tokens add 0 to slot 0
+    slots = seg.clamp(min=0).flatten()  # unsupervised tokens add 0 to slot 0
     counts = torch.zeros(num_samples, dtype=torch.int64, device=logits.device)
-    counts = counts.scatter_add(0, slots.reshape(-1), valid.reshape(-1).long())
+    counts = counts.scatter_add(0, slots, valid.flatten().long())
+    nll = token_nll(logits.flatten(0, 1), targets.flatten())
     sums = torch.zeros(num_samples, dtype=torch.float32, device=logits.device)
-    for r in range(logits.shape[0]):
-        nll = F.cross_entropy(
-            logits[r, :-1].float(), targets[r], ignore_index=-100, reduction="none"
-        )
-        sums = sums.scatter_add(0, slots[r], nll)
+    sums = sums.scatter_add(0, slots, nll)
     return sums / counts.clamp(min=1).to(torch.float32), counts
