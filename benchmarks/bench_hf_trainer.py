@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -388,4 +387,6 @@ def summarise(args, launches: list[dict], ref: dict, warmup: int) -> tuple[str, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from irdro.engine import exit_rank
+
+    exit_rank(main())  # skips interpreter finalisation (see exit_rank)

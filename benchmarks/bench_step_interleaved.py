@@ -23,7 +23,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -160,4 +159,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from irdro.engine import exit_rank
+
+    exit_rank(main())  # skips interpreter finalisation (see exit_rank)

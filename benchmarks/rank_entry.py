@@ -63,4 +63,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from irdro.engine import exit_rank
+
+    exit_rank(main())  # skips interpreter finalisation (see exit_rank)

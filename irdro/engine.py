@@ -7,9 +7,12 @@ the launcher and for plain `python -m irdro.train`. Must not: load data or compu
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
+import sys
+from typing import NoReturn
 
 import torch
 
@@ -54,6 +57,17 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this rank's process with `code` once its outputs are closed, skipping interpreter
+    finalisation: C++ threads (gloo, the c10d store) torn down there can abort a process whose work
+    is done (SIGABRT, "terminate called without an active exception"), turning a finished run
+    into a failed job. Log handlers and std streams are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def build_optimizer(params, cfg: OptimConfig, ds_config: dict) -> torch.optim.Optimizer:

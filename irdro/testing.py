@@ -76,11 +76,11 @@ def _run_ranks(
         )
         port = free_port()
         procs = []
-        for rank in range(world_size):
+        for rank in range(world_size):  # PYTHONFAULTHANDLER: a crashing rank logs its Python stack
             penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
                     "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                    "PYTHONFAULTHANDLER": "1"}  # fmt: skip  (a crashing rank logs its Python stack)
+                    "PYTHONFAULTHANDLER": "1"}  # fmt: skip
             logf = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
             procs.append((subprocess.Popen([sys.executable, "-m", "irdro.testing", str(spec)],
                                            env=penv, stdout=logf, stderr=subprocess.STDOUT), logf))  # fmt: skip
@@ -152,4 +152,6 @@ def _worker(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1]))
+    from irdro.engine import exit_rank
+
+    exit_rank(_worker(sys.argv[1]))

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from irdro.data import (
     sample_positions,
     tokenizer_fingerprint,
 )
-from irdro.engine import init_distributed, initialize, shutdown_distributed
+from irdro.engine import exit_rank, init_distributed, initialize, shutdown_distributed
 from irdro.metrics import RankZeroLogger
 from irdro.model import (
     load_model,
@@ -421,4 +420,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())  # an exception still exits normally, with its traceback
