@@ -115,37 +115,36 @@ class _TokenNLL(torch.autograd.Function):
 
     A plain `F.cross_entropy(logits.float(), ..., reduction="none")` saves the fp32 log-softmax
     (a second [N, V]; a third for bf16 logits, whose fp32 copy it makes first) and in backward
-    builds a dense gradient of that before the logits' own. Here forward walks chunks of positions
-    keeping only the log-sum-exp per position; backward writes g * (softmax - onehot) chunk by chunk
-    straight into the logits' gradient. Same values and gradients (to fp32 rounding).
+    builds a dense gradient of that before the logits' own. Here forward runs the same
+    cross-entropy on chunks of positions and keeps only its values; backward recomputes the softmax
+    chunk by chunk and writes g * (softmax - onehot) straight into the logits' gradient. Same
+    values, same gradients up to fp32 rounding.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
         step = max(1, NLL_CHUNK_ELEMENTS // logits.shape[1])
-        valid = targets != -100
-        safe = torch.where(valid, targets, 0)
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        nll = torch.empty_like(lse)
+        nll = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for s in range(0, logits.shape[0], step):
-            x = logits[s : s + step].float()
-            lse[s : s + step] = torch.logsumexp(x, dim=-1)
-            nll[s : s + step] = lse[s : s + step] - x.gather(1, safe[s : s + step, None]).squeeze(1)
-        ctx.save_for_backward(logits, safe, valid, lse)
-        return torch.where(valid, nll, 0.0)
+            nll[s : s + step] = F.cross_entropy(
+                logits[s : s + step].float(), targets[s : s + step], reduction="none"
+            )  # ignore_index defaults to -100: 0 there
+        ctx.save_for_backward(logits, targets)
+        return nll
 
     @staticmethod
     def backward(ctx, grad_nll: Tensor) -> tuple[Tensor, None]:
-        logits, safe, valid, lse = ctx.saved_tensors
+        logits, targets = ctx.saved_tensors
         step = max(1, NLL_CHUNK_ELEMENTS // logits.shape[1])
-        g = torch.where(valid, grad_nll.float(), 0.0)
+        valid = targets != -100
+        safe, g = targets.clamp(min=0), grad_nll.float()
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], step):
-            p = torch.exp(logits[s : s + step].float() - lse[s : s + step, None])
+            p = torch.softmax(logits[s : s + step], dim=-1, dtype=torch.float32)
             p.scatter_add_(1, safe[s : s + step, None], torch.full_like(p[:, :1], -1.0))
-            p.mul_(g[s : s + step, None]).masked_fill_(~valid[s : s + step, None], 0.0)
-            grad[s : s + step] = p
-        return grad, None
+            grad[s : s + step] = p.mul_(g[s : s + step, None])
+        # unsupervised positions get exactly 0 (g * softmax would be NaN for non-finite logits)
+        return grad.index_fill_(0, torch.nonzero(~valid).squeeze(1), 0.0), None
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
