@@ -17,9 +17,11 @@ starts clean), in alternating order (A B C, C B A, ...):
 - `flat_padded` (the plain alternative, defined here): one `F.cross_entropy(..., reduction="none")`
   over the flattened logits with HF's label-padding shift, then a per-row sum.
 
-Peak = VmHWM of the process during forward + backward (reset just before; /proc/self/clear_refs);
+Peak = VmHWM of the process during forward + backward (reset just before; /proc/self/clear_refs),
+with glibc told to map every block over 64 KiB on its own and to trim freed memory (MALLOC_EXACT),
+so that RSS follows live memory instead of the allocator's placement;
 "above baseline" = peak - RSS just before the forward (model, inputs already resident). A first
-check runs all four on a small batch and compares losses and gradients.
+check runs all three on a small batch and compares losses and gradients.
 
 Results: benchmarks/results/bench_loss_memory.{md,json}.
 """
@@ -36,6 +38,11 @@ from pathlib import Path
 from common import PY, SONNETS, TINY_LLAMA, median, say, smollm2, write_results
 
 VARIANTS = ("hf_loss", "irdro_per_sample", "flat_padded")
+
+# glibc: every block over 64 KiB is its own mapping, returned to the kernel when freed, so RSS
+# follows live memory. With the default (a threshold that grows with what was freed, and freed
+# heap kept) the same variant's peak moved by a whole [B, T, V] buffer between launches.
+MALLOC_EXACT = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def status_kb(field: str) -> int:
@@ -243,7 +250,7 @@ def main() -> int:
             cmd = [PY, __file__, "--model", args.model, "--dtype", args.dtype, "--bsz",
                    str(args.bsz), "--seq", str(args.seq), "--variant", variant]  # fmt: skip
             res = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "2",
-                                 "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})  # fmt: skip
+                                 "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **MALLOC_EXACT})  # fmt: skip
             if res.returncode != 0:
                 raise RuntimeError(res.stderr[-3000:])
             row = json.loads(res.stdout.strip().splitlines()[-1])
@@ -271,7 +278,9 @@ def main() -> int:
         "",
         f"{args.model}, {args.dtype}, batch {args.bsz} x {args.seq} tokens, vocab {vocab}: one "
         f"fp32 [B, T, V] tensor is {fp32_logits_mb:.0f} MB. One process, one forward + backward "
-        f"per launch, {args.reps} launches per variant in alternating order; medians.",
+        f"per launch, {args.reps} launches per variant in alternating order; medians. glibc "
+        "maps every block over 64 KiB on its own and trims freed memory (MALLOC_EXACT), so RSS "
+        "follows live memory.",
         "",
         "| variant | peak RSS (MB) | peak / hf_loss | above baseline (MB) | above baseline / "
         "hf_loss |",
