@@ -115,36 +115,47 @@ class _TokenNLL(torch.autograd.Function):
 
     A plain `F.cross_entropy(logits.float(), ..., reduction="none")` saves the fp32 log-softmax
     (a second [N, V]; a third for bf16 logits, whose fp32 copy it makes first) and in backward
-    builds a dense gradient of that before the logits' own. Here forward runs the same
-    cross-entropy on chunks of positions and keeps only its values; backward recomputes the softmax
-    chunk by chunk and writes g * (softmax - onehot) straight into the logits' gradient. Same
-    values, same gradients up to fp32 rounding.
+    builds a dense gradient of that before the logits' own. Here forward computes the log-softmax
+    chunk by chunk into one reused fp32 buffer and keeps only the target's entry; backward writes
+    g * (softmax - onehot) chunk by chunk straight into the logits' gradient (fp32 logits) or
+    through the reused buffer (bf16). Same values, same gradients up to fp32 rounding. Writing
+    into existing memory matters on CPU as well: a fresh chunk-sized tensor per chunk costs its
+    page faults every time.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        step = max(1, NLL_CHUNK_ELEMENTS // logits.shape[1])
-        nll = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for s in range(0, logits.shape[0], step):
-            nll[s : s + step] = F.cross_entropy(
-                logits[s : s + step].float(), targets[s : s + step], reduction="none"
-            )  # ignore_index defaults to -100: 0 there
+        n, vocab = logits.shape
+        step = max(1, NLL_CHUNK_ELEMENTS // vocab)
+        safe = targets.clamp(min=0)[:, None]
+        buf = torch.empty(min(step, n), vocab, dtype=torch.float32, device=logits.device)
+        nll = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for s in range(0, n, step):
+            logp = torch.log_softmax(logits[s : s + step], -1, dtype=torch.float32,
+                                     out=buf[: min(step, n - s)])  # fmt: skip
+            nll[s : s + step] = logp.gather(1, safe[s : s + step]).squeeze(1).neg_()
         ctx.save_for_backward(logits, targets)
-        return nll
+        return nll.masked_fill_(targets == -100, 0.0)
 
     @staticmethod
     def backward(ctx, grad_nll: Tensor) -> tuple[Tensor, None]:
         logits, targets = ctx.saved_tensors
-        step = max(1, NLL_CHUNK_ELEMENTS // logits.shape[1])
-        valid = targets != -100
-        safe, g = targets.clamp(min=0), grad_nll.float()
+        n, vocab = logits.shape
+        step = max(1, NLL_CHUNK_ELEMENTS // vocab)
+        safe, g = targets.clamp(min=0)[:, None], grad_nll.float()[:, None]
         grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], step):
-            p = torch.softmax(logits[s : s + step], dim=-1, dtype=torch.float32)
-            p.scatter_add_(1, safe[s : s + step, None], torch.full_like(p[:, :1], -1.0))
-            grad[s : s + step] = p.mul_(g[s : s + step, None])
+        direct = logits.dtype == torch.float32
+        buf = None if direct else torch.empty(min(step, n), vocab, dtype=torch.float32,
+                                              device=logits.device)  # fmt: skip
+        for s in range(0, n, step):
+            out = grad[s : s + step] if direct else buf[: min(step, n - s)]
+            p = torch.softmax(logits[s : s + step], -1, dtype=torch.float32, out=out)
+            p.scatter_add_(1, safe[s : s + step], torch.full_like(p[:, :1], -1.0))
+            p.mul_(g[s : s + step])
+            if not direct:
+                grad[s : s + step] = p
         # unsupervised positions get exactly 0 (g * softmax would be NaN for non-finite logits)
-        return grad.index_fill_(0, torch.nonzero(~valid).squeeze(1), 0.0), None
+        return grad.index_fill_(0, torch.nonzero(targets == -100).squeeze(1), 0.0), None
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
