@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("IRDRO_CACHE", Path.home() / ".cache" / "irdro"))
-BENCH = CACHE / "bench-issue6"  # not ~/.cache/irdro/bench: another engineer uses that
+BENCH = CACHE / "benchmarks"  # shards, saved models and runs of the benchmarks
 # DeepSpeed's shm_comm op kept being rebuilt in the shared ~/.cache/torch_extensions (other
 # processes on this box build it with other settings): the benchmarks use their own dir.
-EXTENSIONS = CACHE / "torch_extensions_issue6"
+EXTENSIONS = CACHE / "torch_extensions"
 SONNETS = ROOT / "tests" / "fixtures" / "shakespeare" / "sonnets.jsonl"
 PY = sys.executable
 

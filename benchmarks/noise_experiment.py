@@ -274,7 +274,7 @@ def run(recipe: dict, timeout: float):
 
     # Our own extensions dir: DeepSpeed's shm_comm op was being rebuilt on every start in the shared
     # ~/.cache/torch_extensions (other processes on this box build it with other settings).
-    env = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions_issue6")}
+    env = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions")}
     res = run_ranks(recipe, 2, timeout=timeout, env=env)
     for r in res.ranks:
         if r.returncode != 0:
