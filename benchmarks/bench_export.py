@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from irdro.engine import free_port  # noqa: E402 - needs ROOT on sys.path
+
 RECIPE = "recipes/smollm2/cpu_irdro.yaml"
 CASES = [  # (name, extra convert_to_hf arguments)
     ("export bf16", ["--dtype", "bf16"]),
@@ -126,12 +128,6 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0
         "curve_s_anon_mib_file_mib": curve,
         "output_tail": output[-1500:],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_checkpoint(run_dir: Path, recipe: str) -> dict:

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-from common import PY, SONNETS, TINY_LLAMA, median, say, smollm2, write_results
+from common import PY, SONNETS, TINY_LLAMA, median, say, smollm2, status_kb, write_results
 
 VARIANTS = ("hf_loss", "irdro_per_sample", "flat_padded")
 
@@ -43,10 +42,6 @@ VARIANTS = ("hf_loss", "irdro_per_sample", "flat_padded")
 # follows live memory. With the default (a threshold that grows with what was freed, and freed
 # heap kept) the same variant's peak moved by a whole [B, T, V] buffer between launches.
 MALLOC_EXACT = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-
-
-def status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def flat_per_sample_nll(logits, labels):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -29,14 +28,20 @@ from pathlib import Path
 
 from bench_step import VARIANTS as STEP_VARIANTS
 from bench_step import recipe
-from common import BENCH, EXTENSIONS, PY, ROOT, free_port, median, say, write_results
+from common import (
+    BENCH,
+    EXTENSIONS,
+    PY,
+    ROOT,
+    free_port,
+    median,
+    say,
+    status_kb,
+    write_results,
+)
 
 # erm_aa is ERM again: an A/A control whose ratio to ERM shows the noise floor of the machine.
 VARIANTS = {**STEP_VARIANTS, "erm_aa": STEP_VARIANTS["erm"]}
-
-
-def status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def worker(spec_path: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import statistics
 import subprocess
 import sys
@@ -16,6 +16,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from irdro.engine import free_port  # noqa: E402 - needs ROOT on sys.path
+
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("IRDRO_CACHE", Path.home() / ".cache" / "irdro"))
 BENCH = CACHE / "benchmarks"  # shards, saved models and runs of the benchmarks
@@ -63,10 +65,9 @@ def sonnet_shards(tokenizer: Path, name: str, seq_len: int) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM, ...)."""
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def launch(recipe: dict, world_size: int, timeout: float = 1800) -> dict:

@@ -19,6 +19,13 @@ import torch
 from irdro.config import ConfigError, OptimConfig, Recipe, offloads_optimizer
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed() -> None:
     """Start the process group (gloo on CPU, nccl on GPU). A plain `python -m irdro.train` becomes a
     world of one, so every code path is the distributed one."""
@@ -32,12 +39,9 @@ def init_distributed() -> None:
                 f"started as one of several processes ({others}) without RANK; launch with `deepspeed` "
                 "(one `deepspeed --no_ssh --node_rank R` per node, see docs/multinode.md)"
             )
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
         )  # fmt: skip
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from irdro.engine import free_port
 
 
 @dataclass
@@ -37,12 +38,6 @@ class Run:
     @property
     def records(self) -> list[dict]:
         return self.ranks[0].records
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = (), probe: bool = False,

@@ -20,13 +20,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from irdro.engine import free_port  # noqa: E402 - needs ROOT on sys.path
+
 RECIPE = "recipes/smollm2/cpu_irdro.yaml"
 MODEL = "assets/smollm2-135m-instruct"
 DATA = "data/sonnets-smollm2"
@@ -40,12 +42,6 @@ def run(cmd: list[str], **env: str) -> None:
     if proc.returncode != 0:
         print(f"demo: step failed (exit {proc.returncode}): {shown}", file=sys.stderr)
         sys.exit(proc.returncode)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generate(model_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
