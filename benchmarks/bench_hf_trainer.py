@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -42,6 +41,7 @@ from common import (
     say,
     smollm2,
     sonnet_shards,
+    status_kb,
     write_results,
 )
 
@@ -145,7 +145,7 @@ def hf_worker(args) -> int:
     trainer = Sequential(model=model, args=targs, train_dataset=Samples(), data_collator=collator,
                          callbacks=[Timer()])  # fmt: skip
     trainer.train()
-    hwm = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+    hwm = status_kb("VmHWM")
     Path(args.result.replace("{rank}", str(rank))).write_text(
         json.dumps(
             {

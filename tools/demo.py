@@ -86,14 +86,9 @@ def main(argv: list[str] | None = None) -> int:
          "--no-progress"])  # fmt: skip
     run([py, "tools/plot_weights.py", args.output, "--show-text", "2"])
 
-    evals = [
-        json.loads(x)
-        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if "eval_ppl" in x
-    ]
-    steps = [
-        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"ess"' in x
-    ]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_ppl" in r]
+    steps = [r for r in records if "ess" in r]
     print("\n== generation (greedy, 40 tokens) ==", flush=True)
     print(f"prompt: {PROMPT}")
     print(f"SmolLM2-135M before: {generate(ROOT / MODEL, PROMPT)!r}")
