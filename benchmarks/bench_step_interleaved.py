@@ -21,24 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from bench_step import VARIANTS as STEP_VARIANTS
 from bench_step import recipe
-from common import (
-    BENCH,
-    EXTENSIONS,
-    PY,
-    ROOT,
-    free_port,
-    median,
-    say,
-    status_kb,
-    write_results,
-)
+from common import BENCH, median, run_local_ranks, say, status_kb, write_results
 
 # erm_aa is ERM again: an A/A control whose ratio to ERM shows the noise floor of the machine.
 VARIANTS = {**STEP_VARIANTS, "erm_aa": STEP_VARIANTS["erm"]}
@@ -104,23 +93,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="irdro-interleaved-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"recipe": r, "rounds": rounds, "out": f"{tmp}/r{{rank}}.json"}))
-        port = free_port()
-        procs = []
-        for rank in range(2):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-                   "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}  # fmt: skip
-            log = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
-            procs.append((subprocess.Popen([PY, __file__, "--worker", str(spec)], env=env,
-                                           stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
-        for proc, log in procs:
-            proc.wait()
-            log.close()
-        for rank, (proc, _) in enumerate(procs):
-            if proc.returncode != 0:
-                raise RuntimeError((Path(tmp) / f"log{rank}.txt").read_text()[-4000:])
-        ranks = [json.loads((Path(tmp) / f"r{rank}.json").read_text()) for rank in range(2)]
+        ranks = run_local_ranks([__file__, "--worker", str(spec)], 2, Path(tmp))
     rows = ranks[0]
     kept = [x for x in rows if x["round"] >= args.warmup_rounds]
     table = []

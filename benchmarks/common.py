@@ -70,6 +70,39 @@ def status_kb(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
+def run_local_ranks(
+    args: list[str], world_size: int, tmp: Path, timeout: float = 1800
+) -> list[dict]:
+    """Start `PY *args` as `world_size` local gloo ranks (RANK/MASTER_* set, one thread each, logs
+    in tmp/log{rank}.txt); each must write tmp/r{rank}.json, which is returned per rank."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}  # fmt: skip
+        log = open(tmp / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
+        cmd = [PY, *(a.replace("{rank}", str(rank)) for a in args)]
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        for p, _ in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p, f in procs:
+            if p.poll() is None:
+                p.kill()
+            f.close()
+    ranks = []
+    for rank, (p, _) in enumerate(procs):
+        res = tmp / f"r{rank}.json"
+        if p.returncode != 0 or not res.exists():
+            tail = (tmp / f"log{rank}.txt").read_text()[-4000:]
+            raise RuntimeError(f"rank {rank} exited {p.returncode}:\n{tail}")
+        ranks.append(json.loads(res.read_text()))
+    return ranks
+
+
 def launch(recipe: dict, world_size: int, timeout: float = 1800) -> dict:
     """Train `recipe` on `world_size` local gloo ranks (benchmarks/rank_entry.py, no launcher).
 
@@ -78,34 +111,9 @@ def launch(recipe: dict, world_size: int, timeout: float = 1800) -> dict:
     with tempfile.TemporaryDirectory(prefix="irdro-bench-") as tmp:
         path = Path(tmp) / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        port = free_port()
-        procs = []
-        for rank in range(world_size):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                   "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}  # fmt: skip
-            log = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
-            cmd = [PY, str(ROOT / "benchmarks" / "rank_entry.py"), str(Path(tmp) / f"r{rank}.json"),
-                   str(path)]  # fmt: skip
-            procs.append(
-                (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-            )
-        try:
-            for p, _ in procs:
-                p.wait(timeout=timeout)
-        finally:
-            for p, f in procs:
-                if p.poll() is None:
-                    p.kill()
-                f.close()
-        ranks = []
-        for rank, (p, _) in enumerate(procs):
-            res = Path(tmp) / f"r{rank}.json"
-            if p.returncode != 0 or not res.exists():
-                tail = (Path(tmp) / f"log{rank}.txt").read_text()[-4000:]
-                raise RuntimeError(f"rank {rank} exited {p.returncode}:\n{tail}")
-            ranks.append(json.loads(res.read_text()))
+        entry = str(ROOT / "benchmarks" / "rank_entry.py")
+        ranks = run_local_ranks([entry, f"{tmp}/r{{rank}}.json", str(path)], world_size, Path(tmp),
+                                timeout)  # fmt: skip
     metrics = Path(recipe["output_dir"]) / "metrics.jsonl"
     return {"ranks": ranks, "metrics": [json.loads(x) for x in metrics.read_text().splitlines()]}
 
