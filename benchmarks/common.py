@@ -16,7 +16,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from irdro.engine import free_port  # noqa: E402 - needs ROOT on sys.path
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("IRDRO_CACHE", Path.home() / ".cache" / "irdro"))
@@ -73,32 +72,18 @@ def status_kb(field: str) -> int:
 def run_local_ranks(
     args: list[str], world_size: int, tmp: Path, timeout: float = 1800
 ) -> list[dict]:
-    """Start `PY *args` as `world_size` local gloo ranks (RANK/MASTER_* set, one thread each, logs
-    in tmp/log{rank}.txt); each must write tmp/r{rank}.json, which is returned per rank."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}  # fmt: skip
-        log = open(tmp / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
-        cmd = [PY, *(a.replace("{rank}", str(rank)) for a in args)]
-        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    try:
-        for p, _ in procs:
-            p.wait(timeout=timeout)
-    finally:
-        for p, f in procs:
-            if p.poll() is None:
-                p.kill()
-            f.close()
+    """`irdro.testing.spawn_ranks` with the benchmarks' environment; each rank must write
+    tmp/r{rank}.json, which is returned per rank."""
+    from irdro.testing import spawn_ranks
+
+    env = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
+    codes = spawn_ranks(args, world_size, tmp, env=env, timeout=timeout)
     ranks = []
-    for rank, (p, _) in enumerate(procs):
+    for rank, code in enumerate(codes):
         res = tmp / f"r{rank}.json"
-        if p.returncode != 0 or not res.exists():
+        if code != 0 or not res.exists():
             tail = (tmp / f"log{rank}.txt").read_text()[-4000:]
-            raise RuntimeError(f"rank {rank} exited {p.returncode}:\n{tail}")
+            raise RuntimeError(f"rank {rank} exited {code}:\n{tail}")
         ranks.append(json.loads(res.read_text()))
     return ranks
 

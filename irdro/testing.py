@@ -40,6 +40,39 @@ class Run:
         return self.ranks[0].records
 
 
+def spawn_ranks(args: list[str], world_size: int, logdir: Path, *, env: dict | None = None,
+                timeout: float = 300.0) -> list[int]:  # fmt: skip
+    """Run `python *args` as `world_size` local gloo ranks and wait for them; their exit codes.
+
+    Each rank gets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* for one fresh local port, one thread,
+    PYTHONFAULTHANDLER (a crashing rank logs its Python stack) and `env`; `{rank}` in `args` is
+    replaced by its rank; its output goes to logdir/log{rank}.txt. Past `timeout` seconds every
+    rank is killed and subprocess.TimeoutExpired raised (a hang is a failure, not a stuck run).
+    """
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                "PYTHONFAULTHANDLER": "1"}  # fmt: skip
+        cmd = [sys.executable, *(a.replace("{rank}", str(rank)) for a in args)]
+        logf = open(logdir / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen(cmd, env=penv, stdout=logf, stderr=subprocess.STDOUT), logf))
+    try:
+        for p, _ in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p, _ in procs:
+            p.kill()
+            p.wait()
+        raise
+    finally:
+        for _, f in procs:
+            f.close()
+    return [p.returncode for p, _ in procs]
+
+
 def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = (), probe: bool = False,
               timeout: float = 300.0, env: dict | None = None) -> Run:  # fmt: skip
     """`_run_ranks`, tried once more on a fresh port when the rendezvous port was taken in between
@@ -69,31 +102,13 @@ def _run_ranks(
                 {"recipe": recipe, "nan_at": [list(x) for x in nan_at], "out": tmp, "probe": probe}
             )
         )
-        port = free_port()
-        procs = []
-        for rank in range(world_size):  # PYTHONFAULTHANDLER: a crashing rank logs its Python stack
-            penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                    "PYTHONFAULTHANDLER": "1"}  # fmt: skip
-            logf = open(Path(tmp) / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
-            procs.append((subprocess.Popen([sys.executable, "-m", "irdro.testing", str(spec)],
-                                           env=penv, stdout=logf, stderr=subprocess.STDOUT), logf))  # fmt: skip
-        try:
-            for p, _ in procs:
-                p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p, _ in procs:
-                p.kill()
-            raise
-        finally:
-            for _, f in procs:
-                f.close()
+        codes = spawn_ranks(["-m", "irdro.testing", str(spec)], world_size, Path(tmp), env=env,
+                            timeout=timeout)  # fmt: skip
         ranks = []
-        for rank, (p, _) in enumerate(procs):
+        for rank, code in enumerate(codes):
             res = Path(tmp) / f"rank{rank}.json"
             data = json.loads(res.read_text()) if res.exists() else {"records": [], "error": None}
-            ranks.append(RankRun(p.returncode, data["records"], data["error"],
+            ranks.append(RankRun(code, data["records"], data["error"],
                                  (Path(tmp) / f"log{rank}.txt").read_text()))  # fmt: skip
         sd_path = Path(tmp) / "state_dict.pt"
         sd = torch.load(sd_path) if sd_path.exists() else None
