@@ -471,7 +471,9 @@ def collate(
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "attention_mask": torch.from_numpy(attention_mask),
-        "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
+        "sample_ids": torch.tensor(
+            [s.sample_id for s in samples], dtype=torch.int64, device="cpu"
+        ),  # host side
     }
 
 
@@ -549,7 +551,9 @@ def collate_packed(
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(position_ids),
         "segment_ids": torch.from_numpy(segment_ids),
-        "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
+        "sample_ids": torch.tensor(
+            [s.sample_id for s in samples], dtype=torch.int64, device="cpu"
+        ),  # host side
     }
 
 

@@ -70,6 +70,9 @@ def reweight_window(
 ) -> Window:
     """Global weights for one window. Call on every rank (all-gathers over the DP group).
 
+    Every tensor of the window (gathered rows, weights, coefficients) lives on `local_losses`'
+    device; `irdro.dist` moves what it communicates to the backend's device and back.
+
     Args:
         local_losses: (m, B) per-sample mean NLL on this rank (m = 1 for window `micro`, GA for
             `step`); detached; padding rows may hold anything.
@@ -80,11 +83,12 @@ def reweight_window(
         scale: `backward_scale(...)`.
     """
     m, b = local_losses.shape
+    device = local_losses.device  # every tensor of the window lives here
     rows = torch.stack(
         [
             local_losses.detach().double().reshape(-1),
-            local_valid.double().reshape(-1),
-            local_ids.double().reshape(-1),  # ids < 2**53 are exact in fp64
+            local_valid.to(device).double().reshape(-1),
+            local_ids.to(device).double().reshape(-1),  # ids < 2**53 are exact in fp64
         ],
         dim=1,
     )
@@ -108,7 +112,7 @@ def reweight_window(
     else:
         weights = torch.zeros_like(losses)
 
-    padded = torch.zeros(flat.shape[0], dtype=torch.float32)
+    padded = torch.zeros(flat.shape[0], dtype=torch.float32, device=device)
     padded[idx] = weights
     mine = padded.view(gathered.shape[0], m, b)[dist.dp_rank()]
     coeffs = (mine * scale).to(torch.float32)
