@@ -18,6 +18,8 @@ import torch
 
 from irdro.config import ConfigError, OptimConfig, Recipe, offloads_optimizer
 
+log = logging.getLogger(__name__)
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a local rendezvous)."""
@@ -74,23 +76,42 @@ def exit_rank(code: int) -> NoReturn:
     os._exit(code)
 
 
+def adamw_implementation(ds_config: dict) -> str:
+    """Which AdamW the recipe's `optim.name: adamw` becomes.
+
+    `cpu_adam` (DeepSpeedCPUAdam) when the optimizer is offloaded; on CUDA `deepspeed_fused` only when
+    DeepSpeed was installed with its FusedAdam op prebuilt (DS_BUILD_FUSED_ADAM=1), else `torch_fused`
+    (torch.optim.AdamW(fused=True): one fused kernel, no nvcc, no JIT build on each node's first run,
+    which fails on nodes without a CUDA toolkit); `torch` (the default foreach AdamW) on CPU.
+    """
+    if offloads_optimizer(ds_config):
+        return "cpu_adam"
+    if not torch.cuda.is_available():
+        return "torch"
+    from deepspeed.git_version_info import installed_ops
+
+    return "deepspeed_fused" if installed_ops.get("fused_adam", False) else "torch_fused"
+
+
 def build_optimizer(params, cfg: OptimConfig, ds_config: dict) -> torch.optim.Optimizer:
-    """AdamW (DeepSpeedCPUAdam when the optimizer is offloaded, FusedAdam on GPU) or SGD."""
+    """AdamW (see `adamw_implementation`) or SGD over the parameters that require grad."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if offloads_optimizer(ds_config):
+    impl = adamw_implementation(ds_config)
+    log.info("optimizer: AdamW (%s)", impl)
+    if impl == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    if torch.cuda.is_available():
+    if impl == "deepspeed_fused":
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(params, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, fused=impl == "torch_fused" or None, **kwargs)
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):

@@ -27,11 +27,24 @@ _HF_DS_CONFIG: object | None = None
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def resolve_attention(choice: str) -> str:
-    """`auto` = flash_attention_2 when flash-attn and CUDA are present, else sdpa."""
+def resolve_attention(choice: str, dtype: str) -> str:
+    """The attention implementation to build the model with.
+
+    `auto` = flash_attention_2 when flash-attn and CUDA are present and the model is bf16 (flash
+    kernels reject fp32: a `zero3_fp32` run on a CUDA box with flash-attn would crash at its first
+    forward), else sdpa. An explicit flash_attention_2 needs all three.
+
+    Args:
+        choice: `model.attention`.
+        dtype: `model.dtype` ("fp32" or "bf16").
+    """
     has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
     if choice == "auto":
-        return "flash_attention_2" if has_flash else "sdpa"
+        return "flash_attention_2" if has_flash and dtype != "fp32" else "sdpa"
+    if choice == "flash_attention_2" and dtype == "fp32":
+        raise ConfigError(
+            "model.attention: flash_attention_2 needs model.dtype bf16 (flash kernels reject fp32); use sdpa"
+        )
     if choice == "flash_attention_2" and not has_flash:
         raise ConfigError(
             "model.attention: flash_attention_2 needs CUDA and `pip install irdro[gpu]`; use auto or sdpa"
@@ -73,7 +86,7 @@ def load_model(cfg: ModelConfig, ds_config: dict):
     else:
         _HF_DS_CONFIG = None
     dtype = DTYPES[cfg.dtype]
-    attn = resolve_attention(cfg.attention)
+    attn = resolve_attention(cfg.attention, cfg.dtype)
     if cfg.path is not None:
         path = resolve_path(cfg.path)
         if not path.is_dir():
