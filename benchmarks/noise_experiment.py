@@ -263,7 +263,7 @@ def base_recipe(output_dir: Path, seed: int) -> dict:
         "ds_config": "ds_configs/zero3_fp32.json",
         "model": {"tokenizer": str(WORK / "tokenizer"), "dtype": "fp32", "attention": "sdpa"},
         "data": {"train": str(WORK / "shards" / "train"), "eval": str(WORK / "shards" / "eval")},
-        "eval": {"every": 0, "max_batches": 16, "micro_batch_size": 16},
+        "eval": {"every": 0, "max_samples": 512, "micro_batch_size": 16},
         "checkpoint": {"at_end": False},
         "log": {"tensorboard": False, "progress": False},
     }

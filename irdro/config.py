@@ -53,7 +53,8 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Parameter/compute dtype; must agree with the DeepSpeed JSON's `bf16.enabled`."""
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """`auto` = flash_attention_2 when flash-attn and CUDA are present, else sdpa."""
+    """`auto` = flash_attention_2 for a bf16 model when flash-attn and CUDA are present, else sdpa
+    (flash kernels reject fp32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, about a third more compute)."""
     trust_remote_code: bool = False
@@ -128,8 +129,9 @@ class OptimConfig:
 class EvalConfig:
     every: int = 0
     """Held-out evaluation every N steps (0 = only before the first and after the last step)."""
-    max_batches: int = 20
-    """Cap on eval micro-batches per rank."""
+    max_samples: int = 256
+    """Held-out samples evaluated: the first N of the eval shards, the same set whatever the number of
+    ranks, so `eval_ppl` is comparable across layouts and resumes."""
     micro_batch_size: int = 0
     """Eval micro-batch size per rank (0 = the training micro-batch size)."""
 
@@ -393,6 +395,12 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     if m.config is not None:
         _check("model_type" in m.config, "model.config.model_type", "required in an inline config")
     _check(
+        not (m.attention == "flash_attention_2" and m.dtype == "fp32"),
+        "model.attention",
+        "flash_attention_2 needs a bf16 model (flash kernels reject fp32); set model.dtype: bf16 "
+        "with a *_bf16.json ds_config, or attention: sdpa",
+    )
+    _check(
         m.tokenizer is not None or m.path is not None,
         "model.tokenizer",
         "required with model.config",
@@ -421,13 +429,24 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    for i, beta in enumerate(o.betas):
+        _check(0.0 <= beta < 1.0, f"optim.betas[{i}]", f"must be in [0, 1), got {beta}")
+    _check(
+        o.eps > 0 and math.isfinite(o.eps), "optim.eps", f"must be a finite number > 0, got {o.eps}"
+    )
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(o.momentum >= 0, "optim.momentum", f"must be >= 0, got {o.momentum}")
+    _check(0 <= r.seed < 2**32, "seed", f"must be in [0, 2**32), got {r.seed}")
 
     _check(r.max_steps >= 1, "max_steps", "must be >= 1")
     _check(r.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
     _check(r.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
     _check(r.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
     _check(r.eval.every >= 0, "eval.every", "must be >= 0")
-    _check(r.eval.max_batches >= 1, "eval.max_batches", "must be >= 1")
+    _check(r.eval.max_samples >= 1, "eval.max_samples", "must be >= 1")
+    _check(
+        r.eval.micro_batch_size >= 0, "eval.micro_batch_size", "must be >= 0 (0 = micro_batch_size)"
+    )
     _check(r.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(r.log.every >= 1, "log.every", "must be >= 1")
     _check(r.log.samples_every >= 0, "log.samples_every", "must be >= 0 (0 = off)")
@@ -539,6 +558,9 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
         f"{r.model.dtype} but {path.name} has bf16.enabled={str(bf16).lower()}; pick a matching "
         f"ds_configs/*_{r.model.dtype}.json",
     )
+    _refuse_unsafe_ds_settings(ds, str(path))
+    if bf16 and r.grad_accum_steps > 1:  # bf16 sums of GA micro-gradients lose the small ones
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds["train_micro_batch_size_per_gpu"] = r.micro_batch_size
     ds["gradient_accumulation_steps"] = r.grad_accum_steps
     ds["train_batch_size"] = r.global_batch(world_size)
@@ -548,6 +570,52 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
     ):  # a client optimizer DeepSpeed has no own test for; ZeRO handles it fine
         ds["zero_allow_untested_optimizer"] = True
     return ds
+
+
+# ZeRO stages the equivalence tests cover (1 rank == 2 ranks, GA, resume).
+TESTED_ZERO_STAGES = (2, 3)
+
+
+def _dotted(ds: dict, key: str) -> Any:
+    node: Any = ds
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _refuse_unsafe_ds_settings(ds: dict, source: str) -> None:
+    """Refuse engine settings that silently break the gradient contract of DESIGN.md section 2 or
+    the non-finite step skip (the merged DS JSON + ds_overrides; `source` names the file)."""
+    refused = (
+        ("gradient_predivide_factor", lambda v: v is not None and float(v) != 1.0,
+         "rescales gradients before the data-parallel mean that irdro's backward coefficients undo"),
+        ("prescale_gradients", lambda v: bool(v),
+         "divides gradients by the world size before the reduction irdro's coefficients assume"),
+        ("zero_optimization.reduce_scatter", lambda v: v is False,
+         "switches ZeRO to an all-reduce path the equivalence tests do not cover"),
+        ("bf16.check_grad_overflow", lambda v: v is False,
+         "turns off the overflow check that makes every rank skip a step with a non-finite loss"),
+        ("zero_optimization.compute_grad_norm", lambda v: v is False,
+         "drops the global gradient norm that clipping, grad_norm and the non-finite skip use"),
+        ("sequence_parallel_size", lambda v: v is not None,
+         "splits samples over ranks, which irdro's per-sample losses do not support yet"),
+        ("checkpoint.load_universal", lambda v: v is not None,
+         "is set by irdro itself when a run resumes on another number of ranks"),
+    )  # fmt: skip
+    for key, bad, why in refused:
+        value = _dotted(ds, key)
+        if bad(value):
+            raise ConfigError(
+                f"ds_config: {source} (or ds_overrides) sets {key}={json.dumps(value)}, which {why}; remove it"
+            )
+    stage = zero_stage(ds)
+    if stage not in TESTED_ZERO_STAGES:
+        raise ConfigError(
+            f"ds_config: zero_optimization.stage={stage} in {source} (or ds_overrides) is not covered by irdro's "
+            f"equivalence tests; use stage 2 or 3 (ds_configs/zero2_*.json, zero3_*.json)"
+        )
 
 
 def zero_stage(ds: dict) -> int:

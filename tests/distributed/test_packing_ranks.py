@@ -33,7 +33,7 @@ def test_packed_training_equals_unpacked(base_recipe, alpaca_split) -> None:
     runs = {}
     for packing in ("none", "boundary"):
         recipe = base_recipe(max_steps=2, micro_batch_size=4, data={**data, "packing": packing},
-                             eval={"max_batches": 1})  # fmt: skip
+                             eval={"max_samples": 8})  # fmt: skip
         run = run_ranks(recipe, 2)
         for rank in run.ranks:
             assert rank.returncode == 0, f"rank failed: {rank.error}\n{rank.log[-3000:]}"

@@ -23,7 +23,7 @@ from irdro.checkpoint import check_complete, consolidated_fp32
 from irdro.testing import free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-OVERRIDES = ("max_steps=3", "reweight.window=step", "checkpoint.at_end=true", "eval.max_batches=1",
+OVERRIDES = ("max_steps=3", "reweight.window=step", "checkpoint.at_end=true", "eval.max_samples=4",
              "log.progress=false", "log.tensorboard=false")  # fmt: skip
 TAG = "step_00000003"
 TOL = 1e-6

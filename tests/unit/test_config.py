@@ -140,3 +140,84 @@ def test_trim_top_that_trims_nothing_is_refused(tmp_path):
     ):
         load_recipe(write(tmp_path, BASE), over, world_size=2)
     load_recipe(write(tmp_path, BASE), over, world_size=3)  # window 12: one sample trimmed
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.betas=[0.9, 1.0]", r"optim.betas\[1\]: must be in \[0, 1\)"),
+        ("optim.betas=[-0.1, 0.9]", r"optim.betas\[0\]"),
+        ("optim.eps=0", "optim.eps: must be a finite number > 0"),
+        ("seed=-1", r"seed: must be in \[0, 2\*\*32\)"),
+        ("eval.micro_batch_size=-2", "eval.micro_batch_size: must be >= 0"),
+        ("eval.max_samples=0", "eval.max_samples: must be >= 1"),
+        ("eval.max_batches=4", "unknown key eval.max_batches; did you mean eval.max_samples"),
+        (
+            "model.attention=flash_attention_2",
+            "model.attention: flash_attention_2 needs a bf16 model",
+        ),
+    ],
+)
+def test_ranges_and_combinations_are_checked(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(write(tmp_path, BASE), [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"gradient_predivide_factor": 2.0}, "gradient_predivide_factor=2.0"),
+        ({"prescale_gradients": True}, "prescale_gradients=true"),
+        (
+            {"zero_optimization": {"reduce_scatter": False}},
+            "zero_optimization.reduce_scatter=false",
+        ),
+        ({"bf16": {"check_grad_overflow": False}}, "bf16.check_grad_overflow=false"),
+        (
+            {"zero_optimization": {"compute_grad_norm": False}},
+            "zero_optimization.compute_grad_norm=false",
+        ),
+        ({"sequence_parallel_size": 2}, "sequence_parallel_size=2"),
+        ({"checkpoint": {"load_universal": True}}, "checkpoint.load_universal=true"),
+        ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage=1 .* not covered"),
+        ({"zero_optimization": {"stage": 0}}, "zero_optimization.stage=0"),
+    ],
+)
+def test_ds_settings_that_break_the_gradient_contract_are_refused(overrides, key):
+    r = recipe_from_dict({**BASE, "ds_overrides": overrides})
+    with pytest.raises(ConfigError, match=f"ds_config: .*{key}"):
+        resolve_ds_config(r, 2)
+
+
+def test_harmless_ds_settings_pass():
+    ok = {"gradient_predivide_factor": 1.0, "prescale_gradients": False, "checkpoint": {"tag_validation": "Warn"},
+          "zero_optimization": {"reduce_scatter": True}}  # fmt: skip
+    assert (
+        resolve_ds_config(recipe_from_dict({**BASE, "ds_overrides": ok}), 2)["prescale_gradients"]
+        is False
+    )
+
+
+def test_bf16_with_grad_accum_accumulates_in_fp32():
+    bf16 = {
+        **BASE,
+        "model": {**BASE["model"], "dtype": "bf16"},
+        "ds_config": "ds_configs/zero3_bf16.json",
+    }
+    assert resolve_ds_config(recipe_from_dict({**bf16, "grad_accum_steps": 2}), 2)[
+        "data_types"
+    ] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in resolve_ds_config(
+        recipe_from_dict(bf16), 2
+    )  # GA 1: nothing to accumulate
+    assert "data_types" not in resolve_ds_config(
+        recipe_from_dict({**BASE, "grad_accum_steps": 2}), 2
+    )  # fp32
+    mine = {
+        **bf16,
+        "grad_accum_steps": 2,
+        "ds_overrides": {"data_types": {"grad_accum_dtype": "bf16"}},
+    }
+    assert (
+        resolve_ds_config(recipe_from_dict(mine), 2)["data_types"]["grad_accum_dtype"] == "bf16"
+    )  # user's choice
