@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ class RankRun:
     records: list[dict]
     error: str | None
     log: str
+    modes: list[bool] = field(default_factory=list)
+    losses: list[list] = field(default_factory=list)
 
 
 @dataclass
@@ -74,17 +76,25 @@ def spawn_ranks(args: list[str], world_size: int, logdir: Path, *, env: dict | N
 
 
 def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = (), probe: bool = False,
-              timeout: float = 300.0, env: dict | None = None) -> Run:  # fmt: skip
+              record: bool = False, timeout: float = 300.0, env: dict | None = None) -> Run:  # fmt: skip
     """`_run_ranks`, tried once more on a fresh port when the rendezvous port was taken in between
     (free_port() releases it before the ranks bind it; another process can grab it)."""
-    run = _run_ranks(recipe, world_size, nan_at=nan_at, probe=probe, timeout=timeout, env=env)
+    kw = dict(nan_at=nan_at, probe=probe, record=record, timeout=timeout, env=env)
+    run = _run_ranks(recipe, world_size, **kw)
     if any("EADDRINUSE" in r.log or "address already in use" in r.log.lower() for r in run.ranks):
-        run = _run_ranks(recipe, world_size, nan_at=nan_at, probe=probe, timeout=timeout, env=env)
+        run = _run_ranks(recipe, world_size, **kw)
     return run
 
 
 def _run_ranks(
-    recipe: dict, world_size: int, *, nan_at, probe: bool, timeout: float, env: dict | None
+    recipe: dict,
+    world_size: int,
+    *,
+    nan_at,
+    probe: bool,
+    record: bool,
+    timeout: float,
+    env: dict | None,
 ) -> Run:
     """Train `recipe` (a plain dict) on `world_size` local processes and collect the results.
 
@@ -93,13 +103,21 @@ def _run_ranks(
         world_size: number of gloo ranks.
         nan_at: (step, rank) pairs at which that rank's first per-sample loss is made NaN.
         probe: also return the trained engine's logits on `irdro.export.probe_tokens`.
+        record: each rank also reports `modes` (the model's train flag at every train_step) and
+            `losses` ([step, micro, grad_enabled, per-sample losses] for every forward of a step).
         timeout: seconds before every rank is killed (a hang is a failure, not a stuck test run).
     """
     with tempfile.TemporaryDirectory(prefix="irdro-ranks-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(
             json.dumps(
-                {"recipe": recipe, "nan_at": [list(x) for x in nan_at], "out": tmp, "probe": probe}
+                {
+                    "recipe": recipe,
+                    "nan_at": [list(x) for x in nan_at],
+                    "out": tmp,
+                    "probe": probe,
+                    "record": record,
+                }
             )
         )
         codes = spawn_ranks(["-m", "irdro.testing", str(spec)], world_size, Path(tmp), env=env,
@@ -108,8 +126,8 @@ def _run_ranks(
         for rank, code in enumerate(codes):
             res = Path(tmp) / f"rank{rank}.json"
             data = json.loads(res.read_text()) if res.exists() else {"records": [], "error": None}
-            ranks.append(RankRun(code, data["records"], data["error"],
-                                 (Path(tmp) / f"log{rank}.txt").read_text()))  # fmt: skip
+            ranks.append(RankRun(code, data["records"], data["error"], (Path(tmp) / f"log{rank}.txt").read_text(),
+                                 data.get("modes", []), data.get("losses", [])))  # fmt: skip
         sd_path = Path(tmp) / "state_dict.pt"
         sd = torch.load(sd_path) if sd_path.exists() else None
         probe_path = Path(tmp) / "probe_logits.pt"
@@ -126,18 +144,37 @@ def _worker(spec_path: str) -> int:
     rank = int(os.environ["RANK"])
     nan_at = {tuple(x) for x in spec["nan_at"]}
 
+    out = {"records": [], "error": None, "modes": [], "losses": []}
+
     def hook(step: int, micro: int, losses: torch.Tensor) -> torch.Tensor:
+        if spec.get("record"):
+            out["losses"].append(
+                [step, micro, torch.is_grad_enabled(), losses.detach().cpu().tolist()]
+            )
         if (step, rank) in nan_at and micro == 0:
             losses = losses.clone()
             losses[0] = math.nan
         return losses
 
+    if spec.get("record"):  # the model's train flag as each optimizer step starts
+        import irdro.train
+
+        inner = irdro.train.train_step
+
+        def recording_step(engine, *args, **kwargs):
+            out["modes"].append(bool(engine.module.training))
+            return inner(engine, *args, **kwargs)
+
+        irdro.train.train_step = recording_step
+
     setup_logging()
     init_distributed()
-    out = {"records": [], "error": None}
     code = 0
     try:
-        result = train(recipe_from_dict(spec["recipe"]), loss_hook=hook if nan_at else None)
+        result = train(
+            recipe_from_dict(spec["recipe"]),
+            loss_hook=hook if nan_at or spec.get("record") else None,
+        )
         out["records"] = result.records
         sd = gathered_state_dict(result.engine)
         if sd is not None:

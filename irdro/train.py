@@ -124,9 +124,24 @@ def forward_losses(engine, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return per_sample_nll(logits, batch["labels"])
 
 
+def rng_state_of(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The CPU generator's state and, on an accelerator, `device`'s generator state (dropout)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(
+        device
+    ) if device.type == "cuda" else None
+
+
+def set_rng_state_of(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, step: int,
                loss_hook: LossHook | None = None) -> dict:  # fmt: skip
     """One optimizer step: weights per window, `DP (x GA) * sum p_i l_i` backward, engine.step()."""
+    if not engine.module.training:  # dropout and gradient checkpointing depend on it
+        raise RuntimeError("irdro bug: train_step called with the model in eval mode")
     cfg, ga = recipe.reweight, recipe.grad_accum_steps
     scale = backward_scale(cfg.window, dist.dp_size(), ga)
     device = engine.device
@@ -137,14 +152,20 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
 
     batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
     windows: list[Window] = []
+    rng: list[tuple[Tensor, Tensor | None]] = []
     if cfg.window == "step":  # scoring pass: the whole step's losses before the first backward
         with torch.no_grad():
-            scored = [losses_of(m, b) for m, b in enumerate(batches)]
+            scored = []
+            for m, b in enumerate(batches):
+                rng.append(rng_state_of(device))  # the grad forward replays it: same dropout masks
+                scored.append(losses_of(m, b))
         windows.append(reweight_window(
             torch.stack([x[0] for x in scored]), torch.stack([x[1].gt(0) for x in scored]),
             torch.stack([b["sample_ids"] for b in batches]), cfg, step, scale))  # fmt: skip
     tokens = 0
     for m, batch in enumerate(batches):
+        if rng:
+            set_rng_state_of(device, rng[m])
         losses, counts = losses_of(m, batch)
         if cfg.window == "micro":
             valid = counts.gt(0)
@@ -154,7 +175,7 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
                 )
             )
         win = windows[-1]
-        coeffs = win.coeffs[0 if cfg.window == "micro" else m].to(device)
+        coeffs = win.coeffs[0 if cfg.window == "micro" else m]
         if win.finite:
             loss = (coeffs * losses).sum()
         else:  # NaN gradients make every rank's DeepSpeed discard the step (counted as skipped)
@@ -176,22 +197,22 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
 
 @torch.no_grad()
 def evaluate(engine, data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
-    """Token-weighted held-out NLL over the first `eval.max_batches x B x DP` samples. Every rank
-    runs the same number of forwards (short ranks repeat a sample with zero weight)."""
+    """Token-weighted held-out NLL over the first `eval.max_samples` samples: the same set whatever
+    the number of ranks. Every rank runs the same number of forwards (short ranks repeat a sample
+    with zero weight). Leaves the model in train mode."""
     bsz = recipe.eval.micro_batch_size or recipe.micro_batch_size
-    dp, rank = dist.dp_size(), dist.dp_rank()
-    n = min(len(data), recipe.eval.max_batches * bsz * dp)
+    dp, rank, device = dist.dp_size(), dist.dp_rank(), engine.device
+    n = min(len(data), recipe.eval.max_samples)
     num_batches = math.ceil(n / (bsz * dp))
     engine.eval()
-    nll = torch.zeros(2, dtype=torch.float64)  # [sum NLL, tokens]
+    nll = torch.zeros(2, dtype=torch.float64, device=device)  # [sum NLL, tokens]
     for j in range(num_batches):
         idx = [j * bsz * dp + rank * bsz + i for i in range(bsz)]
-        keep = torch.tensor([i < n for i in idx], dtype=torch.float64)
+        keep = torch.tensor([i < n for i in idx], dtype=torch.float64, device=device)
         batch = make_batch([data[min(i, n - 1)] for i in idx], data, recipe, pad_id)
-        losses, counts = forward_losses(engine, {k: v.to(engine.device) for k, v in batch.items()})
-        nll += torch.stack(
-            [(losses.double().cpu() * counts.cpu() * keep).sum(), (counts.cpu() * keep).sum()]
-        )
+        losses, counts = forward_losses(engine, {k: v.to(device) for k, v in batch.items()})
+        weight = counts.to(torch.float64) * keep
+        nll += torch.stack([(losses.double() * weight).sum(), weight.sum()])
     engine.train()
     total = dist.all_reduce_sum(nll)
     loss = float(total[0] / total[1].clamp(min=1))
@@ -272,7 +293,8 @@ def setup(recipe: Recipe) -> Setup:
     elastic = point is not None and point.world_size != dp
     if elastic:
         prepare_elastic(point)
-        ds_config["checkpoint"] = {"load_universal": True}
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        warn_layout_change(recipe, point.world_size, dp)
     model = load_model(recipe.model, ds_config)
     for d, key in ((train_data, "data.train"), (eval_data, "data.eval")):
         if d is not None:
@@ -297,6 +319,17 @@ def setup(recipe: Recipe) -> Setup:
     return Setup(engine, train_data, eval_data, pad_id, start)
 
 
+def warn_layout_change(recipe: Recipe, old_dp: int, new_dp: int) -> None:
+    """A resume on another number of data-parallel ranks keeps the global batch (checked on load) but
+    changes what a `window: micro` spans; say so, with both sizes."""
+    if dist.is_main() and recipe.reweight.window == "micro" and recipe.reweight.scheme != "erm":
+        log.warning(
+            "resume on %d data-parallel ranks (checkpoint: %d): reweight.window micro now spans %d samples "
+            "(was %d), so the weights change meaning; use reweight.window=step for a layout-independent window",
+            new_dp, old_dp, recipe.window_size(new_dp), recipe.micro_batch_size * old_dp,
+        )  # fmt: skip
+
+
 def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
     """Train `recipe` on the already-initialised process group; returns the engine for callers."""
     dp = dist.dp_size()
@@ -308,6 +341,7 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
                             tensorboard=recipe.log.tensorboard, progress=recipe.log.progress,
                             wandb=recipe.log.wandb, config=recipe.to_dict())  # fmt: skip
     result = TrainResult(engine=engine, steps=s.start_step)
+    engine.train()  # from_pretrained returns eval mode: dropout and gradient checkpointing need train
     if s.eval_data is not None and s.start_step == 0:
         logger.log({"step": 0, **evaluate(engine, s.eval_data, recipe, s.pad_id)})
 
@@ -316,7 +350,9 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
         t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
         stats = train_step(engine, batches.step(step), recipe, step, loss_hook)
         windows = stats.pop("windows")
-        local_tokens = torch.tensor([stats.pop("local_tokens")], dtype=torch.float64)
+        local_tokens = torch.tensor(
+            [stats.pop("local_tokens")], dtype=torch.float64, device=engine.device
+        )
         tokens = int(dist.all_reduce_sum(local_tokens).item())
         grad_norm = engine.get_global_grad_norm()
         done = step + 1

@@ -21,3 +21,20 @@ def save_tiny_model(path: Path, **overrides) -> Path:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
     model.save_pretrained(path)
     return path
+
+
+# An OPT-style model with dropout (OPT checkpoints ship dropout 0.1): what train/eval mode changes.
+TINY_OPT = dict(
+    model_type="opt", vocab_size=50257, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1,
+    pad_token_id=50256, bos_token_id=50256, eos_token_id=50256,
+)  # fmt: skip
+
+
+def save_tiny_opt(path: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1234)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_OPT)).save_pretrained(path)
+    return path
