@@ -165,6 +165,16 @@ class ShardDataset:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    @property
+    def tokenizer_name(self) -> str | None:
+        """Name of the tokenizer the shards were made with (manifest ``tokenizer.name``)."""
+        return self.manifest.get("tokenizer", {}).get("name")
+
+    @property
+    def tokenizer_hash(self) -> str | None:
+        """:func:`tokenizer_fingerprint` of that tokenizer (manifest ``tokenizer.hash``)."""
+        return self.manifest.get("tokenizer", {}).get("hash")
+
     def __getitem__(self, idx: int) -> Sample:
         """Return sample ``idx`` (negative indices count from the end).
 
@@ -271,6 +281,10 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         for key in ("name", "num_samples", "num_tokens", "sha256"):
             if key not in entry:
                 raise DataError(f"{file}: shards[{i}] is missing key '{key}'")
+    if not isinstance(manifest.get("tokenizer", {}), dict):
+        raise DataError(
+            f"{file}: 'tokenizer' must be an object {{name, hash}}; re-run tools/prepare_data.py"
+        )
     return manifest
 
 

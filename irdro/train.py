@@ -202,10 +202,10 @@ def check_data(data: ShardDataset, tokenizer, model_vocab: int, key: str) -> Non
     """Refuse shards made with another tokenizer or with ids the model cannot embed."""
     manifest = data.manifest
     want = tokenizer_fingerprint(tokenizer)
-    got = manifest.get("tokenizer", {}).get("hash")
+    got = data.tokenizer_hash
     if got != want:
         raise ConfigError(
-            f"{key}: shards were tokenised with {manifest.get('tokenizer', {}).get('name')} "
+            f"{key}: shards were tokenised with {data.tokenizer_name} "
             f"(hash {str(got)[:12]}) but the model's tokenizer is {tokenizer.name_or_path} "
             f"(hash {want[:12]}); re-run tools/prepare_data.py with the model's tokenizer"
         )
