@@ -97,6 +97,19 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def chat_template_sha256(template: str | dict[str, str]) -> str:
+    """Hash a chat template as the manifest records it (``chat_template_sha256``).
+
+    Args:
+        template: a tokenizer's ``chat_template``: the Jinja text, or a dict of named templates.
+
+    Returns:
+        sha256 hex digest of the utf-8 text (of the dict's sorted JSON for named templates).
+    """
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -164,6 +177,29 @@ class ShardDataset:
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    @property
+    def tokenizer_name(self) -> str | None:
+        """Name of the tokenizer the shards were made with (manifest ``tokenizer.name``)."""
+        return self.manifest.get("tokenizer", {}).get("name")
+
+    @property
+    def tokenizer_hash(self) -> str | None:
+        """:func:`tokenizer_fingerprint` of that tokenizer (manifest ``tokenizer.hash``)."""
+        return self.manifest.get("tokenizer", {}).get("hash")
+
+    @property
+    def chat_template_sha256(self) -> str | None:
+        """:func:`chat_template_sha256` of the template ``chat`` shards were rendered with; None
+        for the other formats."""
+        return self.manifest.get("chat_template_sha256")
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None:
+        """That template (manifest ``chat_template``: the Jinja text, or a dict of named templates
+        as transformers keeps them); None for the other formats and for chat shards prepared
+        before irdro recorded the text (they have only the hash)."""
+        return self.manifest.get("chat_template")
 
     def __getitem__(self, idx: int) -> Sample:
         """Return sample ``idx`` (negative indices count from the end).
@@ -271,6 +307,19 @@ def _load_manifest(path: Path) -> dict[str, Any]:
         for key in ("name", "num_samples", "num_tokens", "sha256"):
             if key not in entry:
                 raise DataError(f"{file}: shards[{i}] is missing key '{key}'")
+    if not isinstance(manifest.get("tokenizer", {}), dict):
+        raise DataError(
+            f"{file}: 'tokenizer' must be an object {{name, hash}}; re-run tools/prepare_data.py"
+        )
+    template = manifest.get("chat_template")
+    if template is not None and (
+        not isinstance(template, (str, dict))
+        or chat_template_sha256(template) != manifest.get("chat_template_sha256")
+    ):
+        raise DataError(
+            f"{file}: 'chat_template' does not match 'chat_template_sha256' (edited by hand?); "
+            "re-run tools/prepare_data.py"
+        )
     return manifest
 
 
@@ -616,6 +665,8 @@ class ShardWriter:
     shard has a mask.npy), shards [{name, num_samples, num_tokens, sha256 {file: hex}}],
     created_by, plus the optional keys passed as ``meta`` and the counters bumped with
     :meth:`count`. Readers ignore keys they do not know, so optional keys keep format_version 1.
+    ``chat`` shards carry ``chat_template`` (the Jinja text they were rendered with) and its
+    ``chat_template_sha256``; a reader refuses a text that does not match its hash.
     """
 
     def __init__(
@@ -906,6 +957,7 @@ __all__ = [
     "Sample",
     "ShardDataset",
     "ShardWriter",
+    "chat_template_sha256",
     "collate",
     "collate_packed",
     "dataset_summary",

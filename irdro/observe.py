@@ -394,10 +394,15 @@ def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[in
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ObserveError(f"cannot load the run's tokenizer from {hf}: {first}") from None
-    expected = data.manifest.get("tokenizer_hash")
-    if expected and expected != tokenizer_fingerprint(tokenizer):
+    expected, actual = data.tokenizer_hash, tokenizer_fingerprint(tokenizer)
+    if expected and expected != actual:
         log.warning(
-            "%s was tokenised with another tokenizer than %s; texts may be wrong", data.path, hf
+            "%s was tokenised with %s (hash %s), not with %s (hash %s); texts may be wrong",
+            data.path,
+            data.tokenizer_name,
+            expected[:12],
+            hf,
+            actual[:12],
         )
     out = {}
     for sid in sample_ids:

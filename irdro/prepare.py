@@ -35,7 +35,6 @@ Formats:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ from irdro.data import (
     SKIP_REASONS,
     DataError,
     ShardWriter,
+    chat_template_sha256,
     check_output_dir,
     install_dir,
     is_eval_document,
@@ -735,7 +735,9 @@ def prepare(
             "without_input": ALPACA_TEMPLATE_NO_INPUT,
         }
     if format == "chat":
-        meta["chat_template_sha256"] = hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
+        # the text travels with the shards: training gives it to a tokenizer without one (hf/, exports)
+        meta["chat_template_sha256"] = chat_template_sha256(tokenizer.chat_template)
+        meta["chat_template"] = tokenizer.chat_template
     if format != "text":
         meta["train_on_prompt"] = train_on_prompt
     writer_args = {

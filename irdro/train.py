@@ -43,6 +43,7 @@ from irdro.data import (
     GlobalOrder,
     Sample,
     ShardDataset,
+    chat_template_sha256,
     collate,
     collate_packed,
     sample_positions,
@@ -223,16 +224,67 @@ def check_data(data: ShardDataset, tokenizer, model_vocab: int, key: str) -> Non
     """Refuse shards made with another tokenizer or with ids the model cannot embed."""
     manifest = data.manifest
     want = tokenizer_fingerprint(tokenizer)
-    got = manifest.get("tokenizer", {}).get("hash")
+    got = data.tokenizer_hash
     if got != want:
         raise ConfigError(
-            f"{key}: shards were tokenised with {manifest.get('tokenizer', {}).get('name')} "
+            f"{key}: shards were tokenised with {data.tokenizer_name} "
             f"(hash {str(got)[:12]}) but the model's tokenizer is {tokenizer.name_or_path} "
             f"(hash {want[:12]}); re-run tools/prepare_data.py with the model's tokenizer"
         )
     if manifest["vocab_size"] > model_vocab:
         raise ConfigError(
             f"{key}: shard vocab {manifest['vocab_size']} > model vocab {model_vocab}"
+        )
+
+
+def check_chat_template(tokenizer, shards: dict[str, ShardDataset | None]) -> None:
+    """Give the tokenizer the chat template its shards were rendered with, or refuse a mismatch.
+
+    A tokenizer without a template adopts the shards' (logged), so hf/ and every export serve the
+    model with the format it was trained on. A different template, or two shard directories with
+    different templates, is refused naming both.
+
+    Args:
+        tokenizer: the recipe's tokenizer (model.tokenizer, else model.path); may be modified.
+        shards: recipe key (``data.train``, ``data.eval``) -> its dataset, or None when unset.
+    """
+    chat = {key: d for key, d in shards.items() if d is not None and d.chat_template_sha256}
+    if not chat:
+        return
+    (key, data), *others = chat.items()
+    want = data.chat_template_sha256
+    for other_key, other in others:
+        if other.chat_template_sha256 != want:
+            raise ConfigError(
+                f"{other_key}: shards were prepared with chat template sha256 "
+                f"{other.chat_template_sha256[:12]} ({other.path}) but {key}'s with {want[:12]} "
+                f"({data.path}); prepare both with the same tokenizer and --chat-template"
+            )
+    tok_dir = tokenizer.name_or_path
+    if not tokenizer.chat_template:
+        template = next((d.chat_template for d in chat.values() if d.chat_template), None)
+        if template is None:
+            raise ConfigError(
+                f"{key}: shards were prepared with chat template sha256 {want[:12]}, the tokenizer "
+                f"{tok_dir} has none, and {data.path}/manifest.json holds only the hash (an older "
+                "irdro); re-run tools/prepare_data.py, or point model.tokenizer at a tokenizer "
+                "folder whose tokenizer_config.json has that template"
+            )
+        tokenizer.chat_template = template
+        log.info(
+            "tokenizer %s has no chat template: using %s's (sha256 %s), which hf/ and exports carry",
+            tok_dir,
+            key,
+            want[:12],
+        )
+        return
+    have = chat_template_sha256(tokenizer.chat_template)
+    if have != want:
+        raise ConfigError(
+            f"{key}: shards were prepared with chat template sha256 {want[:12]} ({data.path}) but "
+            f"the tokenizer {tok_dir} has chat template sha256 {have[:12]}; point model.tokenizer "
+            "at the tokenizer folder the shards were prepared with, or re-run "
+            "tools/prepare_data.py --chat-template FILE with this tokenizer's template"
         )
 
 
@@ -286,6 +338,7 @@ def setup(recipe: Recipe) -> Setup:
     for d in (train_data, eval_data):
         if d is not None and recipe.data.verify_checksums:
             d.verify()
+    check_chat_template(tokenizer, {"data.train": train_data, "data.eval": eval_data})
     ds_config = resolve_ds_config(recipe, dp)
     point = dist.broadcast_object(
         find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None

@@ -22,8 +22,11 @@ def write_shards(
     masks: list[np.ndarray | None] | None = None,
     doc_ids: list[int] | None = None,
     overwrite: bool = False,
+    tokenizer_hash: str = "0" * 64,
 ) -> Path:
     """Write ``samples`` (token id sequences) as a shard directory; sample i is doc i, chunk 0.
+
+    The manifest names tokenizer "test" with ``tokenizer_hash`` (by default one no tokenizer has).
 
     Returns:
         path, ready for ``ShardDataset(path)``.
@@ -36,7 +39,7 @@ def write_shards(
         path,
         vocab_size=vocab_size,
         tokenizer_name="test",
-        tokenizer_hash="0" * 64,
+        tokenizer_hash=tokenizer_hash,
         seq_len=seq_len,
         eos_token_id=None,
         pad_token_id=None,

@@ -41,6 +41,8 @@ formats:
           Only the response is trained (--train-on-prompt: everything).
   chat    records with messages: [{"role", "content"}, ...], rendered with the tokenizer's chat
           template (or --chat-template FILE). Every assistant turn is trained, the rest masked.
+          The template is stored in the manifest; training gives it to a tokenizer without one
+          (so the run's hf/ and its export carry it) and refuses a tokenizer with another one.
 
 A sample needs at least 2 supervised tokens; documents without them are dropped and counted in
 the manifest (num_skipped), never trained on as a NaN loss."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ from helpers import write_shards
 
 pytest.importorskip("matplotlib", reason="plotting needs the plot extra: pip install -e .[plot]")
 
-from irdro.observe import load_dumps, loss_groups, pick_samples  # noqa: E402
+from irdro.data import ShardDataset  # noqa: E402
+from irdro.observe import decode_samples, load_dumps, loss_groups, pick_samples  # noqa: E402
 from tools.plot_weights import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,12 +58,15 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) 
     """A run dir as irdro.train leaves it with log.samples_every=2: 4 steps, 2 windows of 4."""
     from transformers import AutoTokenizer
 
+    from irdro.data import tokenizer_fingerprint
+
     root = tmp_path_factory.mktemp("plot")
     tok = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir))
     shards = write_shards(
         root / "data" / "train",
         [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS],
         vocab_size=len(tok),
+        tokenizer_hash=tokenizer_fingerprint(tok),
     )
     run = root / "run"
     shutil.copytree(gpt2_tokenizer_dir, run / "hf")
@@ -121,6 +126,29 @@ def test_show_text(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert f"sample {NOISY}: loss 9.500" in out[hardest:heaviest]
     assert TEXTS[NOISY] in out[discarded:]
     assert TEXTS[HEAVY] in out[heaviest:discarded]
+
+
+def test_texts_of_another_tokenizers_shards_are_flagged(
+    run_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="irdro.observe"):
+        assert decode_samples(run_dir, [HEAVY]) == {HEAVY: TEXTS[HEAVY]}
+    assert "tokenised with" not in caplog.text  # the run's own shards: no warning
+
+    # the same run reading shards whose manifest names another tokenizer
+    other = tmp_path / "run"
+    shutil.copytree(run_dir / "hf", other / "hf")
+    data = ShardDataset(run_dir.parent / "data" / "train")  # the fixture's shards
+    samples = [data[i].input_ids for i in range(len(data))]
+    shards = write_shards(tmp_path / "other", samples, vocab_size=data.manifest["vocab_size"])
+    (other / "recipe.yaml").write_text(f"output_dir: {other}\ndata:\n  train: {shards}\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="irdro.observe"):
+        assert decode_samples(other, [HEAVY]) == {HEAVY: TEXTS[HEAVY]}
+    assert (
+        f"{shards} was tokenised with test (hash 000000000000), not with {other / 'hf'}"
+        in caplog.text
+    )
 
 
 def test_pure_functions(run_dir: Path) -> None:

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 import irdro.prepare
 from irdro.data import DataError, ShardDataset, tokenizer_fingerprint
 from irdro.prepare import ALPACA_TEMPLATE_NO_INPUT, prepare
+from irdro.train import check_chat_template
 from tools import prepare_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,6 +141,11 @@ def test_chat_supervises_every_assistant_turn(
     assert manifest["chat_template_sha256"] == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
     ds = ShardDataset(tmp_path / "c")
     assert len(ds) == 200
+    # the template travels with the shards: training gives it to a tokenizer that has none
+    assert manifest["chat_template"] == ds.chat_template == CHAT_TEMPLATE
+    bare = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    check_chat_template(bare, {"data.train": ds, "data.eval": None})
+    assert bare.chat_template == CHAT_TEMPLATE
     multi = [i for i in range(len(ds)) if len(records[ds[i].doc_id]["messages"]) > 2]
     assert multi  # the fixture has multi-turn conversations
     tokenizer.chat_template = CHAT_TEMPLATE
