@@ -7,6 +7,7 @@ the recipe and the DeepSpeed JSON it names. Every error is a `ConfigError` namin
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -243,8 +244,13 @@ def load_recipe(
     return recipe
 
 
-def add_recipe_arguments(parser) -> None:
-    """The `RECIPE [a.b=value ...]` positionals every irdro entry point takes (argparse)."""
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `RECIPE [a.b=value ...]` positionals every irdro entry point takes (argparse).
+
+    Parse with `parser.parse_intermixed_args`, so that options may come before, between or after
+    the recipe and its overrides (`RECIPE --world-size 8 a.b=1`); plain `parse_args` stops taking
+    overrides at the first option and calls the rest unrecognized.
+    """
     parser.add_argument(
         "recipe", help="recipe YAML (see recipes/), e.g. recipes/tiny/cpu_smoke.yaml"
     )

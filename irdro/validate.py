@@ -1,5 +1,6 @@
 """`python -m irdro.validate RECIPE [a.b=value ...] [--world-size N]`: print the resolved recipe and
-DeepSpeed JSON, or exit 2 with a one-line error naming the dotted key. Imports no torch."""
+DeepSpeed JSON, or exit 2 with a one-line error naming the dotted key. Options and overrides mix in
+any order. Imports no torch."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from irdro.config import (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: RECIPE, overrides and options in any order."""
     parser = argparse.ArgumentParser(
         prog="python -m irdro.validate",
-        description="Check a recipe: print the resolved recipe and the DeepSpeed JSON it launches with.",
+        description="Check a recipe: print the resolved recipe and the DeepSpeed JSON it launches "
+        "with, or one error line naming the key. Options may come anywhere on the line.",
     )
     add_recipe_arguments(parser)
     parser.add_argument(
@@ -29,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         default=int(os.environ.get("WORLD_SIZE", "1")),
         help="data-parallel size to check the batch arithmetic for (default: $WORLD_SIZE or 1)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
         ds = resolve_ds_config(recipe, args.world_size)
