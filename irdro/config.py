@@ -486,6 +486,15 @@ def resolve_path(path: str) -> Path:
     return alt if alt.exists() else p
 
 
+def missing_path(key: str, value: str, how: str) -> ConfigError:
+    """The one-line error for a recipe path that is not there: the key, the path as written, and
+    `how` to make it (irdro.paths words it for each key)."""
+    return ConfigError(f"{key}: {value} does not exist; {how}")
+
+
+DS_CONFIG_HOW = "pick one of ds_configs/*.json (zero2, zero3 or zero3_offload; _bf16 or _fp32)"
+
+
 def _find_auto(node: Any, key: str) -> str | None:
     if isinstance(node, dict):
         for k, v in node.items():
@@ -516,7 +525,7 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
     """
     path = resolve_path(r.ds_config)
     if not path.is_file():
-        raise ConfigError(f"ds_config: file not found: {r.ds_config} (see ds_configs/)")
+        raise missing_path("ds_config", r.ds_config, DS_CONFIG_HOW)
     try:
         base = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -58,6 +58,7 @@ from irdro.model import (
     per_sample_nll,
 )
 from irdro.normalize import Window, backward_scale, reweight_window
+from irdro.paths import check_local_paths
 
 log = logging.getLogger("irdro.train")
 
@@ -410,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_local_paths(recipe)  # before the process group and the model: fail in seconds
         init_distributed()
         train(recipe)
         shutdown_distributed()

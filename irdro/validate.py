@@ -1,6 +1,7 @@
-"""`python -m irdro.validate RECIPE [a.b=value ...] [--world-size N]`: print the resolved recipe and
-DeepSpeed JSON, or exit 2 with a one-line error naming the dotted key. Options and overrides mix in
-any order. Imports no torch."""
+"""`python -m irdro.validate RECIPE [a.b=value ...] [--world-size N] [--no-path-checks]`: print the
+resolved recipe and DeepSpeed JSON, or exit 2 with a one-line error naming the dotted key (a
+missing model, tokenizer, data or DeepSpeed JSON path included). Options and overrides mix in any
+order. Imports no torch."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from irdro.config import (
     load_recipe,
     resolve_ds_config,
 )
+from irdro.paths import check_local_paths
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=int(os.environ.get("WORLD_SIZE", "1")),
         help="data-parallel size to check the batch arithmetic for (default: $WORLD_SIZE or 1)",
     )
+    parser.add_argument(
+        "--no-path-checks",
+        action="store_true",
+        help="do not check that model.path, model.tokenizer and data.* exist (e.g. on a login "
+        "node without the data); the DeepSpeed JSON is always read",
+    )
     return parser.parse_intermixed_args(argv)
 
 
@@ -39,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
+        if not args.no_path_checks:
+            check_local_paths(recipe)
         ds = resolve_ds_config(recipe, args.world_size)
     except ConfigError as e:
         print(f"error: {args.recipe}: {e}", file=sys.stderr)
