@@ -7,6 +7,7 @@ the recipe and the DeepSpeed JSON it names. Every error is a `ConfigError` namin
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -245,8 +246,13 @@ def load_recipe(
     return recipe
 
 
-def add_recipe_arguments(parser) -> None:
-    """The `RECIPE [a.b=value ...]` positionals every irdro entry point takes (argparse)."""
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `RECIPE [a.b=value ...]` positionals every irdro entry point takes (argparse).
+
+    Parse with `parser.parse_intermixed_args`, so that options may come before, between or after
+    the recipe and its overrides (`RECIPE --world-size 8 a.b=1`); plain `parse_args` stops taking
+    overrides at the first option and calls the rest unrecognized.
+    """
     parser.add_argument(
         "recipe", help="recipe YAML (see recipes/), e.g. recipes/tiny/cpu_smoke.yaml"
     )
@@ -499,6 +505,15 @@ def resolve_path(path: str) -> Path:
     return alt if alt.exists() else p
 
 
+def missing_path(key: str, value: str, how: str) -> ConfigError:
+    """The one-line error for a recipe path that is not there: the key, the path as written, and
+    `how` to make it (irdro.paths words it for each key)."""
+    return ConfigError(f"{key}: {value} does not exist; {how}")
+
+
+DS_CONFIG_HOW = "pick one of ds_configs/*.json (zero2, zero3 or zero3_offload; _bf16 or _fp32)"
+
+
 def _find_auto(node: Any, key: str) -> str | None:
     if isinstance(node, dict):
         for k, v in node.items():
@@ -529,7 +544,7 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
     """
     path = resolve_path(r.ds_config)
     if not path.is_file():
-        raise ConfigError(f"ds_config: file not found: {r.ds_config} (see ds_configs/)")
+        raise missing_path("ds_config", r.ds_config, DS_CONFIG_HOW)
     try:
         base = json.loads(path.read_text())
     except json.JSONDecodeError as e:

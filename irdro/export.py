@@ -118,7 +118,7 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
         )
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ExportError(f"{output}: exists and is not empty; pass --overwrite to replace it")
-    config = AutoConfig.from_pretrained(hf_dir)
+    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     state = consolidated_fp32(tag_dir)
 
     # Tied embeddings: the checkpoint holds one tensor under two names; HF stores it once.
@@ -203,8 +203,10 @@ def verify(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     run_dir, output = Path(run_dir), Path(output)
-    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(run_dir / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        output, dtype=torch.float32, local_files_only=True
+    )
+    config = AutoConfig.from_pretrained(run_dir / "hf", local_files_only=True)
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = consolidated_fp32(resolve_tag(run_dir, tag))
     target = DTYPES[dtype]

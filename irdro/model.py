@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from irdro.config import ConfigError, ModelConfig, resolve_path, zero_stage
+from irdro.config import ConfigError, ModelConfig, zero_stage
+from irdro.paths import require_local
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +53,32 @@ def resolve_attention(choice: str, dtype: str) -> str:
     return choice
 
 
-def tokenizer_path(cfg: ModelConfig) -> str:
-    path = cfg.tokenizer if cfg.tokenizer is not None else cfg.path
-    assert path is not None  # config.validate guarantees it
-    return str(resolve_path(path))
-
-
 def load_tokenizer(cfg: ModelConfig):
-    """The recipe's tokenizer (a local folder; nothing is downloaded)."""
+    """The recipe's tokenizer (a local folder; nothing is downloaded, see irdro.paths).
+
+    Raises:
+        ConfigError: the folder is missing (naming the command that makes it) or holds no tokenizer.
+    """
     from transformers import AutoTokenizer
 
-    path = tokenizer_path(cfg)
+    key, value = (
+        ("model.tokenizer", cfg.tokenizer)
+        if cfg.tokenizer is not None
+        else ("model.path", cfg.path)
+    )
+    assert value is not None  # config.validate guarantees it
+    path = str(require_local(key, value))
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            path, trust_remote_code=cfg.trust_remote_code, local_files_only=True
+        )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path}: {e}") from None
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    """transformers' messages run over several lines; an irdro error is one."""
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def load_model(cfg: ModelConfig, ds_config: dict):
@@ -88,15 +100,19 @@ def load_model(cfg: ModelConfig, ds_config: dict):
     dtype = DTYPES[cfg.dtype]
     attn = resolve_attention(cfg.attention, cfg.dtype)
     if cfg.path is not None:
-        path = resolve_path(cfg.path)
-        if not path.is_dir():
-            raise ConfigError(f"model.path: not a directory: {cfg.path}")
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=dtype,
-            attn_implementation=attn,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        path = require_local("model.path", cfg.path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path),
+                dtype=dtype,
+                attn_implementation=attn,
+                trust_remote_code=cfg.trust_remote_code,
+                local_files_only=True,
+            )
+        except OSError as e:  # no config.json / weights in the folder
+            raise ConfigError(
+                f"model.path: cannot load a model from {path}: {_first_line(e)}"
+            ) from None
     else:
         inline = dict(cfg.config or {})
         model_type = inline.pop("model_type")

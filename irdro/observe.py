@@ -390,7 +390,7 @@ def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[in
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(hf))
+        tokenizer = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ObserveError(f"cannot load the run's tokenizer from {hf}: {first}") from None

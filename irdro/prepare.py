@@ -622,7 +622,7 @@ def _load_tokenizer(tokenizer_dir: str, chat_template: str | None, format: str) 
             "python tools/fetch_assets.py gpt2-tokenizer"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot load a tokenizer from {tokenizer_dir}: {first}") from None

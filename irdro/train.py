@@ -59,6 +59,7 @@ from irdro.model import (
     per_sample_nll,
 )
 from irdro.normalize import Window, backward_scale, reweight_window
+from irdro.paths import check_local_paths
 
 log = logging.getLogger("irdro.train")
 
@@ -480,7 +481,9 @@ def setup_logging() -> None:
         ds_logger.setLevel(logging.WARNING)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: RECIPE and overrides, with options anywhere (the deepspeed launcher puts
+    its `--local_rank=N` before the recipe)."""
     parser = argparse.ArgumentParser(
         prog="deepspeed [--num_gpus N] --module irdro.train",
         description="Train a recipe: deepspeed --num_gpus 2 --module irdro.train RECIPE [a.b=value ...]",
@@ -489,10 +492,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # set by the launcher
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     setup_logging()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_local_paths(recipe)  # before the process group and the model: fail in seconds
         init_distributed()
         train(recipe)
         shutdown_distributed()

@@ -1,5 +1,7 @@
-"""`python -m irdro.validate RECIPE [a.b=value ...] [--world-size N]`: print the resolved recipe and
-DeepSpeed JSON, or exit 2 with a one-line error naming the dotted key. Imports no torch."""
+"""`python -m irdro.validate RECIPE [a.b=value ...] [--world-size N] [--no-path-checks]`: print the
+resolved recipe and DeepSpeed JSON, or exit 2 with a one-line error naming the dotted key (a
+missing model, tokenizer, data or DeepSpeed JSON path included). Options and overrides mix in any
+order. Imports no torch."""
 
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ from irdro.config import (
     load_recipe,
     resolve_ds_config,
 )
+from irdro.paths import check_local_paths
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: RECIPE, overrides and options in any order."""
     parser = argparse.ArgumentParser(
         prog="python -m irdro.validate",
-        description="Check a recipe: print the resolved recipe and the DeepSpeed JSON it launches with.",
+        description="Check a recipe: print the resolved recipe and the DeepSpeed JSON it launches "
+        "with, or one error line naming the key. Options may come anywhere on the line.",
     )
     add_recipe_arguments(parser)
     parser.add_argument(
@@ -29,9 +34,21 @@ def main(argv: list[str] | None = None) -> int:
         default=int(os.environ.get("WORLD_SIZE", "1")),
         help="data-parallel size to check the batch arithmetic for (default: $WORLD_SIZE or 1)",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--no-path-checks",
+        action="store_true",
+        help="do not check that model.path, model.tokenizer and data.* exist (e.g. on a login "
+        "node without the data); the DeepSpeed JSON is always read",
+    )
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
+        if not args.no_path_checks:
+            check_local_paths(recipe)
         ds = resolve_ds_config(recipe, args.world_size)
     except ConfigError as e:
         print(f"error: {args.recipe}: {e}", file=sys.stderr)

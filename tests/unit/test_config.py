@@ -1,13 +1,16 @@
 """Strict recipes: unknown keys, wrong types, bad choices and batch arithmetic name the dotted key."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from irdro.config import ConfigError, load_recipe, recipe_from_dict, resolve_ds_config
 
+ROOT = Path(__file__).resolve().parents[2]
 BASE = {
     "output_dir": "runs/x",
     "model": {"config": {"model_type": "llama"}, "tokenizer": "tok"},
@@ -122,13 +125,16 @@ def test_to_dict_round_trips():
 
 def test_validate_cli_rejects_typo_with_the_key(tmp_path):
     p = write(tmp_path, BASE)
+    for folder in ("tok", "data/x"):  # BASE's paths, relative to the working directory
+        (tmp_path / folder).mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "irdro.validate", str(p), "reweight.lamm=2"],
-                         capture_output=True, text=True)  # fmt: skip
+                         cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2
     assert "reweight.lamm" in out.stderr and "did you mean reweight.lam" in out.stderr
     assert "Traceback" not in out.stderr
     ok = subprocess.run([sys.executable, "-m", "irdro.validate", str(p), "--world-size", "2"],
-                        capture_output=True, text=True)  # fmt: skip
+                        cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert '"train_batch_size": 2' in ok.stdout
 
