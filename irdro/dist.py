@@ -89,15 +89,6 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return buf.to(t.device)
 
 
-def all_reduce_max(t: Tensor) -> Tensor:
-    """Max of `t` over DP ranks, a new tensor on `t`'s device. Call on every rank."""
-    if not is_initialized():
-        return t.detach().clone()
-    buf = _to_comm(t)
-    tdist.all_reduce(buf, op=tdist.ReduceOp.MAX, group=dp_group())
-    return buf.to(t.device)
-
-
 def barrier() -> None:
     """Wait for every rank. Call on every rank."""
     if is_initialized():

@@ -202,15 +202,13 @@ def test_collectives_return_on_the_callers_device(nccl_world, device, dtype) -> 
     gathered = dist.all_gather_losses(x)
     assert gathered.device == x.device and gathered.dtype == dtype
     assert torch.equal(gathered, x[None])
-    for fn in (dist.all_reduce_sum, dist.all_reduce_max):
-        out = fn(x)
-        assert out.device == x.device and out.dtype == dtype and torch.equal(out, x)
-        assert out.data_ptr() != x.data_ptr()  # a new tensor
+    out = dist.all_reduce_sum(x)
+    assert out.device == x.device and out.dtype == dtype and torch.equal(out, x)
+    assert out.data_ptr() != x.data_ptr()  # a new tensor
     assert torch.equal(x, before)
 
 
-def test_flags_objects_and_barrier_under_nccl(nccl_world) -> None:
-    assert dist.any_rank(True) is True and dist.any_rank(False) is False
+def test_objects_and_barrier_under_nccl(nccl_world) -> None:
     obj = {"step": 3, "tag": "step_00000003", "ids": [1, 2]}
     assert dist.broadcast_object(obj) == obj
     dist.barrier()

