@@ -31,8 +31,6 @@ import logging
 import operator
 import os
 import shutil
-import tempfile
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from irdro import __version__
+from irdro import __version__, fsio
 
 logger = logging.getLogger(__name__)
 
@@ -382,12 +380,7 @@ def _check_index(file: Path, index: np.ndarray, num_tokens: int) -> None:
         )
 
 
-def _sha256_file(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256_file = fsio.sha256_file
 
 
 # --------------------------------------------------------------------------- order and batching
@@ -610,43 +603,20 @@ def collate_packed(
 
 
 def check_output_dir(output: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file, or a non-empty directory without ``overwrite``."""
-    if output.exists() and not output.is_dir():
-        raise DataError(f"output {output} exists and is not a directory; choose another --output")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise DataError(
-            f"output {output} is not empty; pass --overwrite (overwrite=True) to replace it"
-        )
+    """`irdro.fsio.check_output_dir`, its refusal as a DataError (the tools' exit code 2)."""
+    try:
+        fsio.check_output_dir(output, overwrite)
+    except fsio.OutputError as e:
+        raise DataError(str(e)) from None
 
 
 def install_dir(staging: Path, output: Path, overwrite: bool) -> None:
-    """Move a complete ``staging`` dir to ``output``; an old output is removed only afterwards."""
+    """`irdro.fsio.publish_dir`, its refusal as a DataError."""
     check_output_dir(output, overwrite)
-    old = None
-    if output.is_dir():
-        if any(output.iterdir()):
-            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(output, old)
-        else:
-            output.rmdir()
-    try:
-        os.rename(staging, output)
-    except OSError:
-        if old is not None:
-            os.rename(old, output)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    fsio.publish_dir(staging, output, overwrite)
 
 
-def make_staging_dir(output: Path) -> Path:
-    """A fresh hidden temporary directory beside ``output``, to be renamed onto it when done."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the final dir should be shareable
-    return staging
+make_staging_dir = fsio.make_staging_dir
 
 
 class ShardWriter:
