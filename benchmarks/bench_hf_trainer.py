@@ -85,7 +85,8 @@ def hf_worker(args) -> int:
         TrainingArguments,
     )
 
-    from irdro.data import ShardDataset, collate
+    from irdro.data import collate
+    from irdro.shards import ShardDataset
 
     rank = int(os.environ.get("RANK", "0"))
     shards = ShardDataset(args.data)
@@ -247,8 +248,9 @@ def reference_losses(args, model_dir: Path, data: Path, pad_id: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from irdro.data import ShardDataset, collate
+    from irdro.data import collate
     from irdro.model import per_sample_nll
+    from irdro.shards import ShardDataset
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()  # fmt: skip

@@ -98,7 +98,7 @@ def _run_prepare(corpus: Path, tokenizer: str, out: Path, num_proc: int, seq_len
 
     manifest = prepare([str(corpus)], tokenizer, str(out), seq_len=seq_len, num_proc=num_proc,
                        progress=False)  # fmt: skip
-    return int(manifest["num_tokens"])
+    return int(manifest.num_tokens)
 
 
 def _run_datasets_map(corpus: Path, tokenizer: str, out: Path, num_proc: int, seq_len: int) -> int:

@@ -38,8 +38,9 @@ def worker(spec_path: str) -> int:
 
     from irdro import dist
     from irdro.config import recipe_from_dict, validate
+    from irdro.data import Batches
     from irdro.engine import init_distributed, shutdown_distributed
-    from irdro.train import Batches, seed_everything, setup, setup_logging, train_step
+    from irdro.train import seed_everything, setup, setup_logging, train_step
 
     spec = json.loads(Path(spec_path).read_text())
     setup_logging()
@@ -52,7 +53,7 @@ def worker(spec_path: str) -> int:
     base = recipes["erm"]
     seed_everything(base.seed)
     s = setup(base)
-    batches = Batches(s.train_data, base, s.pad_id)
+    batches = Batches(s.train_data, base, s.pad_id, dp_rank=dist.dp_rank(), dp_size=dist.dp_size())
     names = list(VARIANTS)
     rows = []
     step = 0

@@ -55,11 +55,11 @@ def smollm2() -> Path:
 
 def sonnet_shards(tokenizer: Path, name: str, seq_len: int) -> Path:
     """The sonnets fixture sharded with `tokenizer` (built once under $IRDRO_CACHE/bench)."""
-    from irdro.data import prepare_text
+    from irdro.prepare import prepare
 
     out = BENCH / "data" / name
     if not (out / "manifest.json").exists():
-        prepare_text([str(SONNETS)], str(tokenizer), str(out), seq_len=seq_len,
+        prepare([str(SONNETS)], str(tokenizer), str(out), seq_len=seq_len,
                      eval_fraction=0.0, seed=0, overwrite=True, progress=False)  # fmt: skip
     return out
 

@@ -176,7 +176,7 @@ def build(args) -> None:
     """Tokenizer, pre-training shards, continual (noisy) train shards, clean eval shards."""
     from transformers import AutoTokenizer
 
-    from irdro.data import prepare_text
+    from irdro.prepare import prepare
 
     works = shakespeare_texts()
     names = sorted(works)
@@ -216,7 +216,7 @@ def build(args) -> None:
         ("continual_train.jsonl", "train"),
         ("continual_eval.jsonl", "eval"),
     ):
-        prepare_text([str(WORK / name)], str(tok_dir), str(WORK / "shards" / out),
+        prepare([str(WORK / name)], str(tok_dir), str(WORK / "shards" / out),
                      seq_len=SEQ_LEN, eval_fraction=0.0, seed=0, overwrite=True,
                      progress=False)  # fmt: skip
     summary = {
@@ -240,13 +240,13 @@ def build(args) -> None:
 
 def build_clean(args) -> None:
     """shards/train_clean: the continual training documents without the noise ones."""
-    from irdro.data import prepare_text
+    from irdro.prepare import prepare
 
     kinds = json.loads((WORK / "doc_kinds.json").read_text())
     lines = (WORK / "continual_train.jsonl").read_text().splitlines()
     clean = [line + "\n" for line, k in zip(lines, kinds, strict=True) if k == "clean"]
     (WORK / "continual_train_clean.jsonl").write_text("".join(clean))
-    prepare_text([str(WORK / "continual_train_clean.jsonl")], str(WORK / "tokenizer"),
+    prepare([str(WORK / "continual_train_clean.jsonl")], str(WORK / "tokenizer"),
                  str(WORK / "shards" / "train_clean"), seq_len=SEQ_LEN, eval_fraction=0.0, seed=0,
                  overwrite=True, progress=False)  # fmt: skip
 
@@ -338,7 +338,7 @@ def grid(args) -> None:
     """Every (seed, scheme) not yet in noise_runs.jsonl; schemes rotate within each seed."""
     import numpy as np
 
-    from irdro.data import ShardDataset
+    from irdro.shards import ShardDataset
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "noise_runs.jsonl"

@@ -371,7 +371,7 @@ def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[in
     """
     import yaml
 
-    from irdro.data import DataError, ShardDataset, tokenizer_fingerprint
+    from irdro.shards import DataError, ShardDataset, ShardMismatch, check_compatible
 
     run = Path(run_dir)
     recipe_file = run / "recipe.yaml"
@@ -394,16 +394,18 @@ def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[in
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ObserveError(f"cannot load the run's tokenizer from {hf}: {first}") from None
-    expected, actual = data.tokenizer_hash, tokenizer_fingerprint(tokenizer)
-    if expected and expected != actual:
-        log.warning(
-            "%s was tokenised with %s (hash %s), not with %s (hash %s); texts may be wrong",
-            data.path,
-            data.tokenizer_name,
-            expected[:12],
-            hf,
-            actual[:12],
-        )
+    try:
+        check_compatible(tokenizer, {"data.train": data}, chat_template=False)
+    except ShardMismatch as e:
+        if e.found:  # shards that record no tokenizer cannot be checked
+            log.warning(
+                "%s was tokenised with %s (hash %s), not with %s (hash %s); texts may be wrong",
+                data.path,
+                data.tokenizer_name,
+                e.found[:12],
+                hf,
+                e.expected[:12],
+            )
     out = {}
     for sid in sample_ids:
         try:

@@ -2,9 +2,10 @@
 
 Owns: finding inputs (.txt/.jsonl/.json/.parquet files, directories, globs, ``save_to_disk``
 datasets), the input formats and their loss masks (``text``, ``alpaca``, ``chat``), the
-long-document and bad-input policies, and the tokenisation pipeline. Must not: define the shard
-format (irdro.data owns it; ShardWriter writes it), touch torch.distributed, or hold the corpus in
-memory.
+long-document and bad-input policies (what a sample is, why a document is skipped:
+:data:`SKIP_REASONS`), the train/eval split (:func:`is_eval_document`), and the tokenisation
+pipeline. Must not: define the shard format (irdro.shards owns it; ShardWriter writes it), import
+torch, or hold the corpus in memory.
 
 Pipeline (memory stays flat in the corpus size; every stage streams):
 
@@ -35,6 +36,7 @@ Formats:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,15 +50,14 @@ from typing import Any
 
 import numpy as np
 
-from irdro.data import (
-    SKIP_REASONS,
+from irdro import fsio
+from irdro.shards import (
     DataError,
+    Manifest,
     ShardWriter,
     chat_template_sha256,
     check_output_dir,
-    install_dir,
-    is_eval_document,
-    make_staging_dir,
+    publish_dir,
     tokenizer_fingerprint,
 )
 
@@ -70,6 +71,16 @@ ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 MIN_SUPERVISED = 2
 """A sample needs at least this many supervised tokens (and one supervised target) to be kept."""
 
+# Why a document (input record) was not written, counted per reason in the manifest's num_skipped.
+SKIP_REASONS = {
+    "bad_json": "a malformed JSON line or file, skipped with --skip-bad",
+    "bad_record": "a record with a missing or mistyped field, skipped with --skip-bad",
+    "empty": "empty or whitespace-only text",
+    "too_short": "fewer than 2 supervised tokens (e.g. an empty response)",
+    "truncated_response": "--long-docs truncate cut away the response (fewer than 2 supervised "
+    "tokens left)",
+}
+
 _MAP_BATCH_CHARS = 1 << 20  # text per tokenisation batch: bounds a worker's memory
 _RECORD_BATCH_ROWS = 1000
 _FORMAT_COLUMNS = {
@@ -77,6 +88,14 @@ _FORMAT_COLUMNS = {
     "alpaca": ("instruction", "input", "output"),
     "chat": ("messages",),
 }
+
+
+def is_eval_document(doc_id: int, seed: int, eval_fraction: float) -> bool:
+    """Deterministic, platform-independent train/eval assignment of document ``doc_id``."""
+    if eval_fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < eval_fraction
 
 
 def default_long_docs(format: str) -> str:
@@ -663,12 +682,12 @@ def prepare(
     overwrite: bool = False,
     shard_tokens: int = 2**26,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Manifest | dict[str, Manifest]:
     """Tokenise inputs into shard directories (the library behind tools/prepare_data.py).
 
     doc_id is a record's index in the input stream (skipped records keep theirs), so it is unique
     across train and eval. Skipped records are counted per split under ``num_skipped``
-    (:data:`irdro.data.SKIP_REASONS`); truncated documents under ``num_truncated``; chunks
+    (:data:`SKIP_REASONS`); truncated documents under ``num_truncated``; chunks
     dropped for lack of supervision under ``num_dropped_chunks``.
 
     Args:
@@ -750,11 +769,12 @@ def prepare(
         "format": format,
         "shard_tokens": shard_tokens,
         "meta": meta,
+        "skip_reasons": SKIP_REASONS,
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     split_mode = eval_fraction > 0.0
-    staging = make_staging_dir(out) if split_mode else None
+    staging = fsio.make_staging_dir(out) if split_mode else None
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     writers: dict[str, ShardWriter] = {}
     try:
@@ -782,7 +802,7 @@ def prepare(
         manifests = {s: w.finalize() for s, w in writers.items()}
         if split_mode:
             assert staging is not None
-            install_dir(staging, out, overwrite)
+            publish_dir(staging, out, overwrite)
             staging = None
             return manifests
         return manifests["train"]
@@ -881,6 +901,7 @@ __all__ = [
     "Malformed",
     "cut_document",
     "default_long_docs",
+    "is_eval_document",
     "is_trainable",
     "iter_records",
     "normalize_record",

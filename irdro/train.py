@@ -38,17 +38,7 @@ from irdro.config import (
     resolve_path,
     validate,
 )
-from irdro.data import (
-    DataError,
-    GlobalOrder,
-    Sample,
-    ShardDataset,
-    chat_template_sha256,
-    collate,
-    collate_packed,
-    sample_positions,
-    tokenizer_fingerprint,
-)
+from irdro.data import Batches, make_batch
 from irdro.engine import exit_rank, init_distributed, initialize, shutdown_distributed
 from irdro.metrics import RankZeroLogger
 from irdro.model import (
@@ -60,6 +50,7 @@ from irdro.model import (
 )
 from irdro.normalize import Window, backward_scale, reweight_window
 from irdro.paths import check_local_paths
+from irdro.shards import DataError, ShardDataset, ShardMismatch, check_compatible
 
 log = logging.getLogger("irdro.train")
 
@@ -79,38 +70,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def make_batch(samples: list[Sample], data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
-    """Padded rows (`data.packing: none`) or packed rows of at most the shards' seq_len tokens."""
-    multiple = recipe.data.pad_to_multiple_of
-    if recipe.data.packing == "boundary":
-        seq_len = data.manifest.get("seq_len") or max(len(s.input_ids) for s in samples)
-        return collate_packed(samples, pad_id, int(seq_len), multiple)
-    return collate(samples, pad_id, multiple)
-
-
-class Batches:
-    """This rank's micro-batches of optimizer step s, from the deterministic global order.
-
-    A micro-batch is always B samples (packing changes only how they are laid out in rows), so
-    the reweighting window and index-based resume do not depend on `data.packing`.
-    """
-
-    def __init__(self, data: ShardDataset, recipe: Recipe, pad_id: int) -> None:
-        self.data, self.recipe, self.pad_id = data, recipe, pad_id
-        self.order = GlobalOrder(len(data), recipe.seed, shuffle=recipe.data.shuffle)
-
-    def step(self, step: int) -> list[dict[str, Tensor]]:
-        r = self.recipe
-        out = []
-        for micro in range(r.grad_accum_steps):
-            pos = sample_positions(
-                step, micro, dist.dp_rank(), dist.dp_size(), r.grad_accum_steps, r.micro_batch_size
-            )
-            samples = [self.data[int(i)] for i in self.order[pos]]
-            out.append(make_batch(samples, self.data, r, self.pad_id))
-        return out
 
 
 def forward_losses(engine, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -221,71 +180,27 @@ def evaluate(engine, data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def check_data(data: ShardDataset, tokenizer, model_vocab: int, key: str) -> None:
-    """Refuse shards made with another tokenizer or with ids the model cannot embed."""
-    manifest = data.manifest
-    want = tokenizer_fingerprint(tokenizer)
-    got = data.tokenizer_hash
-    if got != want:
-        raise ConfigError(
-            f"{key}: shards were tokenised with {data.tokenizer_name} "
-            f"(hash {str(got)[:12]}) but the model's tokenizer is {tokenizer.name_or_path} "
-            f"(hash {want[:12]}); re-run tools/prepare_data.py with the model's tokenizer"
-        )
-    if manifest["vocab_size"] > model_vocab:
-        raise ConfigError(
-            f"{key}: shard vocab {manifest['vocab_size']} > model vocab {model_vocab}"
-        )
-
-
-def check_chat_template(tokenizer, shards: dict[str, ShardDataset | None]) -> None:
-    """Give the tokenizer the chat template its shards were rendered with, or refuse a mismatch.
-
-    A tokenizer without a template adopts the shards' (logged), so hf/ and every export serve the
-    model with the format it was trained on. A different template, or two shard directories with
-    different templates, is refused naming both.
+def check_shards(
+    tokenizer, shards: dict[str, ShardDataset | None], model_vocab: int | None = None
+) -> None:
+    """`irdro.shards.check_compatible` as a recipe error: the shards must come from the model's
+    tokenizer (and chat template, which a tokenizer without one adopts) and fit its vocabulary.
 
     Args:
         tokenizer: the recipe's tokenizer (model.tokenizer, else model.path); may be modified.
         shards: recipe key (``data.train``, ``data.eval``) -> its dataset, or None when unset.
+        model_vocab: the model's vocabulary size; None skips that check.
     """
-    chat = {key: d for key, d in shards.items() if d is not None and d.chat_template_sha256}
-    if not chat:
-        return
-    (key, data), *others = chat.items()
-    want = data.chat_template_sha256
-    for other_key, other in others:
-        if other.chat_template_sha256 != want:
-            raise ConfigError(
-                f"{other_key}: shards were prepared with chat template sha256 "
-                f"{other.chat_template_sha256[:12]} ({other.path}) but {key}'s with {want[:12]} "
-                f"({data.path}); prepare both with the same tokenizer and --chat-template"
-            )
-    tok_dir = tokenizer.name_or_path
-    if not tokenizer.chat_template:
-        template = next((d.chat_template for d in chat.values() if d.chat_template), None)
-        if template is None:
-            raise ConfigError(
-                f"{key}: shards were prepared with chat template sha256 {want[:12]}, the tokenizer "
-                f"{tok_dir} has none, and {data.path}/manifest.json holds only the hash (an older "
-                "irdro); re-run tools/prepare_data.py, or point model.tokenizer at a tokenizer "
-                "folder whose tokenizer_config.json has that template"
-            )
-        tokenizer.chat_template = template
+    try:
+        adopted = check_compatible(tokenizer, shards, model_vocab=model_vocab)
+    except ShardMismatch as e:
+        raise ConfigError(str(e)) from None
+    if adopted is not None:
         log.info(
             "tokenizer %s has no chat template: using %s's (sha256 %s), which hf/ and exports carry",
-            tok_dir,
-            key,
-            want[:12],
-        )
-        return
-    have = chat_template_sha256(tokenizer.chat_template)
-    if have != want:
-        raise ConfigError(
-            f"{key}: shards were prepared with chat template sha256 {want[:12]} ({data.path}) but "
-            f"the tokenizer {tok_dir} has chat template sha256 {have[:12]}; point model.tokenizer "
-            "at the tokenizer folder the shards were prepared with, or re-run "
-            "tools/prepare_data.py --chat-template FILE with this tokenizer's template"
+            tokenizer.name_or_path,
+            adopted,
+            str(shards[adopted].chat_template_sha256)[:12],
         )
 
 
@@ -339,7 +254,6 @@ def setup(recipe: Recipe) -> Setup:
     for d in (train_data, eval_data):
         if d is not None and recipe.data.verify_checksums:
             d.verify()
-    check_chat_template(tokenizer, {"data.train": train_data, "data.eval": eval_data})
     ds_config = resolve_ds_config(recipe, dp)
     point = dist.broadcast_object(
         find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None
@@ -350,9 +264,8 @@ def setup(recipe: Recipe) -> Setup:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
         warn_layout_change(recipe, point.world_size, dp)
     model = load_model(recipe.model, ds_config)
-    for d, key in ((train_data, "data.train"), (eval_data, "data.eval")):
-        if d is not None:
-            check_data(d, tokenizer, model.config.vocab_size, key)
+    shards = {"data.train": train_data, "data.eval": eval_data}
+    check_shards(tokenizer, shards, model.config.vocab_size)
     engine = initialize(recipe, model, ds_config)
     write_run_files(recipe, ds_config, model, tokenizer)
     start = 0
@@ -390,7 +303,8 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
     validate(recipe, world_size=dp)
     seed_everything(recipe.seed)
     s = setup(recipe)
-    engine, batches = s.engine, Batches(s.train_data, recipe, s.pad_id)
+    engine = s.engine
+    batches = Batches(s.train_data, recipe, s.pad_id, dp_rank=dist.dp_rank(), dp_size=dp)
     logger = RankZeroLogger(recipe.output_dir, total_steps=recipe.max_steps, initial_step=s.start_step,
                             tensorboard=recipe.log.tensorboard, progress=recipe.log.progress,
                             wandb=recipe.log.wandb, config=recipe.to_dict())  # fmt: skip

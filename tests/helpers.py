@@ -31,7 +31,7 @@ def write_shards(
     Returns:
         path, ready for ``ShardDataset(path)``.
     """
-    from irdro.data import ShardWriter
+    from irdro.shards import ShardWriter
 
     masks = masks or [None] * len(samples)
     doc_ids = doc_ids if doc_ids is not None else list(range(len(samples)))

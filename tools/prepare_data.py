@@ -21,8 +21,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # `python tools/prepare_data.py` from a checkout, not installed
     sys.path.insert(0, str(_ROOT))
 
-from irdro.data import MANIFEST_NAME, DataError, ShardDataset, dataset_summary  # noqa: E402
 from irdro.prepare import ALPACA_TEMPLATE, FORMATS, LONG_DOCS, prepare  # noqa: E402
+from irdro.shards import MANIFEST_NAME, DataError, ShardDataset  # noqa: E402
 
 _DESCRIPTION = """\
 Tokenise documents into memory-mapped token shards plus a manifest.json (tokenizer name and
@@ -167,7 +167,7 @@ def _verify(path: Path) -> list[str]:
     for d in dirs or [path]:
         dataset = ShardDataset(d)
         dataset.verify()
-        lines.append(f"ok: {d}: {dataset_summary(dataset.manifest)}, sha256 verified")
+        lines.append(f"ok: {d}: {dataset.manifest.summary()}, sha256 verified")
     return lines
 
 
@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    splits = result if "train" in result else {"": result}
+    splits = result if isinstance(result, dict) else {"": result}
     for name, manifest in splits.items():
         where = Path(args.output, name) if name else Path(args.output)
-        print(f"wrote {where}: {dataset_summary(manifest)}")
+        print(f"wrote {where}: {manifest.summary()}")
     return 0
 
 

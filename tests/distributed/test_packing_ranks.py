@@ -27,7 +27,8 @@ def alpaca_split(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
 
 
 def test_packed_training_equals_unpacked(base_recipe, alpaca_split) -> None:
-    from irdro.data import ShardDataset, collate_packed
+    from irdro.data import collate_packed
+    from irdro.shards import ShardDataset
 
     data = {"train": str(alpaca_split / "train"), "eval": str(alpaca_split / "eval")}
     runs = {}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import irdro.model
 from irdro import dist
-from irdro.data import Sample, collate, collate_packed
+from irdro.data import collate, collate_packed
 from irdro.model import (
     block_causal_mask,
     packed_forward,
@@ -20,6 +20,7 @@ from irdro.model import (
     per_sample_nll,
     token_nll,
 )
+from irdro.shards import Sample
 
 pytestmark = pytest.mark.gpu
 

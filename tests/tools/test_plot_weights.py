@@ -16,8 +16,8 @@ from helpers import write_shards
 
 pytest.importorskip("matplotlib", reason="plotting needs the plot extra: pip install -e .[plot]")
 
-from irdro.data import ShardDataset  # noqa: E402
 from irdro.observe import decode_samples, load_dumps, loss_groups, pick_samples  # noqa: E402
+from irdro.shards import ShardDataset  # noqa: E402
 from tools.plot_weights import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) 
     """A run dir as irdro.train leaves it with log.samples_every=2: 4 steps, 2 windows of 4."""
     from transformers import AutoTokenizer
 
-    from irdro.data import tokenizer_fingerprint
+    from irdro.shards import tokenizer_fingerprint
 
     root = tmp_path_factory.mktemp("plot")
     tok = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir))
@@ -140,7 +140,7 @@ def test_texts_of_another_tokenizers_shards_are_flagged(
     shutil.copytree(run_dir / "hf", other / "hf")
     data = ShardDataset(run_dir.parent / "data" / "train")  # the fixture's shards
     samples = [data[i].input_ids for i in range(len(data))]
-    shards = write_shards(tmp_path / "other", samples, vocab_size=data.manifest["vocab_size"])
+    shards = write_shards(tmp_path / "other", samples, vocab_size=data.manifest.vocab_size)
     (other / "recipe.yaml").write_text(f"output_dir: {other}\ndata:\n  train: {shards}\n")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="irdro.observe"):

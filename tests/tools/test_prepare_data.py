@@ -1,4 +1,4 @@
-"""prepare_text / tools/prepare_data.py / tools/fetch_assets.py with the real GPT-2 tokenizer."""
+"""prepare(format="text") / tools/prepare_data.py / tools/fetch_assets.py with the real GPT-2 tokenizer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from irdro.data import DataError, ShardDataset, prepare_text, tokenizer_fingerprint
+from irdro.prepare import prepare
+from irdro.shards import DataError, ShardDataset, tokenizer_fingerprint
 from tools import prepare_data
 from tools.fetch_assets import GPT2_CHECKS, _check_gpt2, fetch_gpt2_tokenizer
 
@@ -33,7 +34,7 @@ def tokenizer(gpt2_tokenizer_dir: Path):
 @pytest.fixture(scope="module")
 def split_dataset(tmp_path_factory, sonnets_jsonl: Path, gpt2_tokenizer_dir: Path):
     out = tmp_path_factory.mktemp("prep") / "sonnets"
-    result = prepare_text(
+    result = prepare(
         [str(sonnets_jsonl)],
         str(gpt2_tokenizer_dir),
         str(out),
@@ -94,14 +95,14 @@ def test_prepare_text_split(split_dataset, sonnets: list[dict], tokenizer) -> No
         (evals, eval_docs, result["eval"]),
     ]:
         assert ds.manifest == manifest
-        assert manifest["num_docs"] == len(docs)
-        assert manifest["num_samples"] == len(ds) == sum(len(c) for c in docs.values())
-        assert manifest["num_tokens"] == sum(len(x) for c in docs.values() for x in c)
-        assert manifest["tokenizer"] == {
+        assert manifest.num_docs == len(docs)
+        assert manifest.num_samples == len(ds) == sum(len(c) for c in docs.values())
+        assert manifest.num_tokens == sum(len(x) for c in docs.values() for x in c)
+        assert manifest.to_dict()["tokenizer"] == {
             "name": "gpt2-tokenizer",
             "hash": tokenizer_fingerprint(tokenizer),
         }
-        assert (manifest["vocab_size"], manifest["eos_token_id"], manifest["dtype"]) == (
+        assert (manifest.vocab_size, manifest.eos_token_id, manifest.dtype) == (
             50257,
             50256,
             "uint16",
@@ -123,7 +124,7 @@ def test_prepare_text_is_deterministic(
     tmp_path: Path, split_dataset, sonnets_jsonl, gpt2_tokenizer_dir
 ) -> None:
     _, first = split_dataset
-    again = prepare_text(
+    again = prepare(
         [str(sonnets_jsonl)],
         str(gpt2_tokenizer_dir),
         str(tmp_path / "again"),
@@ -133,7 +134,7 @@ def test_prepare_text_is_deterministic(
         progress=False,
     )
     for split in ("train", "eval"):
-        assert again[split]["shards"] == first[split]["shards"]
+        assert again[split].shards == first[split].shards
 
 
 def test_prepare_text_inputs_and_skips(tmp_path: Path, gpt2_tokenizer_dir: Path, tokenizer) -> None:
@@ -145,9 +146,9 @@ def test_prepare_text_inputs_and_skips(tmp_path: Path, gpt2_tokenizer_dir: Path,
     (src / "ignored.md").write_text("not an input")
     out = tmp_path / "out"
     kw = dict(seq_len=8, text_field="body", progress=False)
-    manifest = prepare_text([str(src)], str(gpt2_tokenizer_dir), str(out), **kw)
-    assert manifest["num_docs"] == 3 and manifest["num_skipped"]["empty"] == 1
-    assert sum(manifest["num_skipped"].values()) == 1
+    manifest = prepare([str(src)], str(gpt2_tokenizer_dir), str(out), **kw)
+    assert manifest.num_docs == 3 and manifest.num_skipped["empty"] == 1
+    assert sum(manifest.num_skipped.values()) == 1
     ds = ShardDataset(out)
     assert [ds[i].doc_id for i in range(len(ds))] == [0, 1, 3]  # doc 2 was the empty one
     text = "".join(tokenizer.decode(ds[i].input_ids) for i in range(len(ds)))
@@ -156,7 +157,7 @@ def test_prepare_text_inputs_and_skips(tmp_path: Path, gpt2_tokenizer_dir: Path,
 
     (src / "sub" / "c.json").write_text(json.dumps([{"text": "x"}]))
     with pytest.raises(DataError, match=r"c.json\[record 0\]: record has no field 'body'"):
-        prepare_text([str(src)], str(gpt2_tokenizer_dir), str(out), overwrite=True, **kw)
+        prepare([str(src)], str(gpt2_tokenizer_dir), str(out), overwrite=True, **kw)
     assert len(ShardDataset(out)) == len(ds)  # the failed run left the old output intact
 
 
@@ -164,7 +165,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path: Path, gpt2_tokenizer_
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "broken\n')
     with pytest.raises(DataError, match=rf"{bad}:2: malformed JSON"):
-        prepare_text(
+        prepare(
             [str(bad)], str(gpt2_tokenizer_dir), str(tmp_path / "out"), seq_len=16, progress=False
         )
     assert not (tmp_path / "out").exists()
@@ -177,14 +178,14 @@ def test_missing_field_names_file_line_and_field(tmp_path: Path, gpt2_tokenizer_
     with pytest.raises(
         DataError, match=rf"{bad}:2: record has no field 'text' \(fields: content\)"
     ):
-        prepare_text(
+        prepare(
             [str(bad)], str(gpt2_tokenizer_dir), str(tmp_path / "out"), seq_len=16, progress=False
         )
 
 
 def test_missing_input(tmp_path: Path, gpt2_tokenizer_dir: Path) -> None:
     with pytest.raises(DataError, match="matches no file"):
-        prepare_text(
+        prepare(
             [str(tmp_path / "*.jsonl")], str(gpt2_tokenizer_dir), str(tmp_path / "o"), seq_len=16
         )
 

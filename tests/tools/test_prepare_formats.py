@@ -13,9 +13,9 @@ import pytest
 from transformers import AutoTokenizer
 
 import irdro.prepare
-from irdro.data import DataError, ShardDataset, tokenizer_fingerprint
 from irdro.prepare import ALPACA_TEMPLATE_NO_INPUT, prepare
-from irdro.train import check_chat_template
+from irdro.shards import DataError, ShardDataset, tokenizer_fingerprint
+from irdro.train import check_shards
 from tools import prepare_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +76,14 @@ def test_alpaca_masks_the_prompt(tmp_path, gpt2_tokenizer_dir, tokenizer, alpaca
     records = _lines(CHATTERBOT / "alpaca.jsonl")
     assert len(records) == 200
     path, manifest = alpaca_shards
-    assert (manifest["format"], manifest["long_docs"], manifest["has_mask"]) == (
+    assert (manifest.format, manifest.long_docs, manifest.has_mask) == (
         "alpaca",
         "truncate",
         True,
     )
-    assert manifest["prompt_template"]["without_input"] == ALPACA_TEMPLATE_NO_INPUT
+    assert manifest.prompt_template["without_input"] == ALPACA_TEMPLATE_NO_INPUT
     ds = ShardDataset(path)
-    assert len(ds) == manifest["num_samples"] == 200 - sum(manifest["num_skipped"].values())
+    assert len(ds) == manifest.num_samples == 200 - sum(manifest.num_skipped.values())
     for i in (0, 57, len(ds) - 1):
         s, rec = ds[i], records[ds[i].doc_id]
         prompt = ALPACA_TEMPLATE_NO_INPUT.format(instruction=rec["instruction"])
@@ -95,11 +95,9 @@ def test_alpaca_masks_the_prompt(tmp_path, gpt2_tokenizer_dir, tokenizer, alpaca
     all_on = _run(
         [CHATTERBOT / "alpaca.jsonl"], gpt2_tokenizer_dir, tmp_path / "b", train_on_prompt=True
     )
-    assert not all_on["has_mask"] and all_on["train_on_prompt"]
+    assert not all_on.has_mask and all_on.train_on_prompt
     assert not list((tmp_path / "b").glob("*.mask.npy"))
-    assert (
-        all_on["shards"][0]["sha256"]["tokens.npy"] == manifest["shards"][0]["sha256"]["tokens.npy"]
-    )
+    assert all_on.shards[0].sha256["tokens.npy"] == manifest.shards[0].sha256["tokens.npy"]
 
 
 def test_alpaca_input_section_and_empty_output(tmp_path, gpt2_tokenizer_dir, tokenizer) -> None:
@@ -112,8 +110,8 @@ def test_alpaca_input_section_and_empty_output(tmp_path, gpt2_tokenizer_dir, tok
         ],
     )
     manifest = _run([src], gpt2_tokenizer_dir, tmp_path / "out")
-    assert manifest["num_samples"] == 1
-    assert manifest["num_skipped"] == {
+    assert manifest.num_samples == 1
+    assert manifest.num_skipped == {
         "bad_json": 0,
         "bad_record": 0,
         "empty": 1,
@@ -137,14 +135,14 @@ def test_chat_supervises_every_assistant_turn(
         chat_template=str(chat_template),
         seq_len=1024,
     )
-    assert manifest["format"] == "chat" and manifest["has_mask"]
-    assert manifest["chat_template_sha256"] == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
+    assert manifest.format == "chat" and manifest.has_mask
+    assert manifest.chat_template_sha256 == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
     ds = ShardDataset(tmp_path / "c")
     assert len(ds) == 200
     # the template travels with the shards: training gives it to a tokenizer that has none
-    assert manifest["chat_template"] == ds.chat_template == CHAT_TEMPLATE
+    assert manifest.chat_template == ds.chat_template == CHAT_TEMPLATE
     bare = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
-    check_chat_template(bare, {"data.train": ds, "data.eval": None})
+    check_shards(bare, {"data.train": ds, "data.eval": None})
     assert bare.chat_template == CHAT_TEMPLATE
     multi = [i for i in range(len(ds)) if len(records[ds[i].doc_id]["messages"]) > 2]
     assert multi  # the fixture has multi-turn conversations
@@ -185,8 +183,8 @@ def test_chat_template_from_the_tokenizer_and_refusals(
     s = ShardDataset(tmp_path / "out")[0]
     assert _supervised_text(tokenizer, s) == "Hello there" + EOS
     # the chat template is recorded on its own; it does not change the tokenizer identity
-    assert manifest["tokenizer"]["hash"] == tokenizer_fingerprint(tokenizer)
-    assert manifest["chat_template_sha256"] == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
+    assert manifest.tokenizer.hash == tokenizer_fingerprint(tokenizer)
+    assert manifest.chat_template_sha256 == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
 
     # a template that renders a turn differently once it is not last: refused, naming the line
     unstable = tmp_path / "unstable.jinja"
@@ -211,8 +209,8 @@ def test_long_documents_split_or_truncate(tmp_path, gpt2_tokenizer_dir, tokenize
     )
     trunc = _run([src], gpt2_tokenizer_dir, tmp_path / "t", seq_len=32)
     # record 0: the prompt alone exceeds 32 tokens, nothing of the response survives
-    assert trunc["num_skipped"]["truncated_response"] == 1
-    assert trunc["num_samples"] == 1 and trunc["num_truncated"] == 1
+    assert trunc.num_skipped["truncated_response"] == 1
+    assert trunc.num_samples == 1 and trunc.num_truncated == 1
     s = ShardDataset(tmp_path / "t")[0]
     assert len(s.input_ids) == 32 and s.doc_id == 1 and (s.labels != -100).sum() >= 2
 
@@ -221,7 +219,7 @@ def test_long_documents_split_or_truncate(tmp_path, gpt2_tokenizer_dir, tokenize
     ids = [(ds[i].doc_id, ds[i].chunk_id) for i in range(len(ds))]
     # record 0: prompt-only chunks 0 and 1 are dropped, the chunk with the answer is kept
     assert (0, 0) not in ids and (0, 2) in ids and (1, 0) in ids and (1, 1) in ids
-    assert split["num_dropped_chunks"] >= 2 and split["num_truncated"] == 0
+    assert split.num_dropped_chunks >= 2 and split.num_truncated == 0
     for i in range(len(ds)):
         assert len(ds[i].input_ids) <= 32 and (ds[i].labels[1:] != -100).any()
 
@@ -243,7 +241,7 @@ def test_parquet_saved_datasets_globs_and_directories(
     datasets.DatasetDict({"train": ds.select(range(20, 30))}).save_to_disk(src / "c_saved")
 
     manifest = _run([src], gpt2_tokenizer_dir, tmp_path / "dir", format="alpaca")
-    assert manifest["num_samples"] == 30
+    assert manifest.num_samples == 30
     first30 = ShardDataset(alpaca_shards[0])
     got = ShardDataset(tmp_path / "dir")
     for i in range(30):  # same records in the same order (sorted: a.parquet, b.jsonl, c_saved)
@@ -252,7 +250,7 @@ def test_parquet_saved_datasets_globs_and_directories(
 
     globbed = _run([str(src / "*.parquet"), src / "c_saved"], gpt2_tokenizer_dir, tmp_path / "g",
                    format="alpaca")  # fmt: skip
-    assert globbed["num_samples"] == 20
+    assert globbed.num_samples == 20
     with pytest.raises(DataError, match="splits train, not 'test'; pass --split"):
         _run([src / "c_saved"], gpt2_tokenizer_dir, tmp_path / "h", format="alpaca", split="test")
     (src / "d.txt").write_text("plain")
@@ -264,7 +262,7 @@ def test_parallel_tokenisation_writes_identical_shards(tmp_path, gpt2_tokenizer_
     src = [ROOT / "tests/fixtures/shakespeare/sonnets.jsonl"]
     one = _run(src, gpt2_tokenizer_dir, tmp_path / "one", seq_len=64, num_proc=1)
     two = _run(src, gpt2_tokenizer_dir, tmp_path / "two", seq_len=64, num_proc=2)
-    assert one["shards"] == two["shards"] and one["num_samples"] > 154
+    assert one.shards == two.shards and one.num_samples > 154
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no work dirs left
 
 
@@ -279,7 +277,7 @@ def test_malformed_json_fails_with_file_and_line_or_is_skipped(tmp_path, gpt2_to
     with pytest.raises(DataError, match=rf"{src}:2: malformed JSON .*--skip-bad"):
         _run([src], gpt2_tokenizer_dir, tmp_path / "out")
     manifest = _run([src], gpt2_tokenizer_dir, tmp_path / "out", skip_bad=True)
-    assert manifest["num_skipped"]["bad_json"] == 1 and manifest["num_skipped"]["empty"] == 1
+    assert manifest.num_skipped["bad_json"] == 1 and manifest.num_skipped["empty"] == 1
     ds = ShardDataset(tmp_path / "out")
     assert [ds[i].doc_id for i in range(len(ds))] == [0, 3]  # doc ids are record indices
 
@@ -294,7 +292,7 @@ def test_alpaca_and_chat_records_missing_a_field(tmp_path, gpt2_tokenizer_dir, c
     ):
         _run([src], gpt2_tokenizer_dir, tmp_path / "out")
     manifest = _run([src], gpt2_tokenizer_dir, tmp_path / "out", skip_bad=True)
-    assert manifest["num_skipped"]["bad_record"] == 1 and manifest["num_samples"] == 1
+    assert manifest.num_skipped["bad_record"] == 1 and manifest.num_samples == 1
 
     chat = _write_jsonl(
         tmp_path / "c.jsonl",
@@ -324,7 +322,7 @@ def test_a_conversation_without_answer_is_dropped_not_nan(
     )
     manifest = _run([src], gpt2_tokenizer_dir, tmp_path / "c", format="chat",
                     chat_template=str(chat_template))  # fmt: skip
-    assert manifest["num_samples"] == 1 and manifest["num_skipped"]["too_short"] == 1
+    assert manifest.num_samples == 1 and manifest.num_skipped["too_short"] == 1
     s = ShardDataset(tmp_path / "c")[0]
     assert (s.labels[1:] != -100).sum() >= 1
 

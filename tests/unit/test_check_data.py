@@ -1,5 +1,5 @@
-"""train.check_data: shards from another tokenizer, or with ids past the model's vocab, are refused.
-train.check_chat_template: the shards' chat template reaches the tokenizer, hf/ and the export, or a
+"""train.check_shards: shards from another tokenizer, or with ids past the model's vocab, are refused;
+the shards' chat template reaches the tokenizer, hf/ and the export, or a
 mismatch is refused."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from helpers import write_shards
 from transformers import AutoTokenizer
 
 from irdro.config import ConfigError, recipe_from_dict
-from irdro.data import (
+from irdro.shards import (
     MANIFEST_NAME,
     DataError,
     ShardDataset,
@@ -22,7 +22,7 @@ from irdro.data import (
     chat_template_sha256,
     tokenizer_fingerprint,
 )
-from irdro.train import check_chat_template, check_data, write_run_files
+from irdro.train import check_shards, write_run_files
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_other_tokenizer_is_refused_naming_both(tmp_path: Path, tokenizer) -> No
     data = ShardDataset(write_shards(tmp_path / "ds", [[1, 2, 3]]))  # tokenizer "test", hash 0...
     want = tokenizer_fingerprint(tokenizer)
     with pytest.raises(ConfigError) as e:
-        check_data(data, tokenizer, 50257, "data.train")
+        check_shards(tokenizer, {"data.train": data}, 50257)
     msg = str(e.value)
     assert msg.startswith("data.train: shards were tokenised with test (hash 000000000000)")
     assert f"model's tokenizer is {tokenizer.name_or_path} (hash {want[:12]})" in msg
@@ -47,9 +47,9 @@ def test_matching_tokenizer_passes_and_vocab_is_checked(tmp_path: Path, tokenize
         w.add([15496, 995], doc_id=0, chunk_id=0)
         w.finalize()
     data = ShardDataset(tmp_path / "ds")
-    check_data(data, tokenizer, 50257, "data.eval")
+    check_shards(tokenizer, {"data.eval": data}, 50257)
     with pytest.raises(ConfigError, match="data.eval: shard vocab 50257 > model vocab 50000"):
-        check_data(data, tokenizer, 50000, "data.eval")
+        check_shards(tokenizer, {"data.eval": data}, 50000)
 
 
 # ----------------------------------------------------------------------------- chat template
@@ -94,7 +94,7 @@ def test_tokenizer_without_template_adopts_the_shards_and_hf_and_export_carry_it
     data = _chat_shards(tmp_path / "ds", bare_tokenizer, TEMPLATE)
     assert data.chat_template == TEMPLATE
     with caplog.at_level(logging.INFO, logger="irdro.train"):
-        check_chat_template(bare_tokenizer, {"data.train": data, "data.eval": None})
+        check_shards(bare_tokenizer, {"data.train": data, "data.eval": None})
     assert bare_tokenizer.chat_template == TEMPLATE
     assert "has no chat template: using data.train's" in caplog.text
 
@@ -136,12 +136,12 @@ def test_same_template_passes_and_a_different_one_is_refused_naming_both(
 ) -> None:
     data = _chat_shards(tmp_path / "ds", bare_tokenizer, TEMPLATE)
     bare_tokenizer.chat_template = TEMPLATE
-    check_chat_template(bare_tokenizer, {"data.train": data})
+    check_shards(bare_tokenizer, {"data.train": data})
     assert bare_tokenizer.chat_template == TEMPLATE
 
     bare_tokenizer.chat_template = OTHER
     with pytest.raises(ConfigError) as e:
-        check_chat_template(bare_tokenizer, {"data.train": data})
+        check_shards(bare_tokenizer, {"data.train": data})
     msg = str(e.value)
     assert msg.startswith(
         f"data.train: shards were prepared with chat template sha256 {chat_template_sha256(TEMPLATE)[:12]} "
@@ -158,7 +158,7 @@ def test_train_and_eval_with_different_templates_are_refused(
     train = _chat_shards(tmp_path / "train", bare_tokenizer, TEMPLATE)
     evl = _chat_shards(tmp_path / "eval", bare_tokenizer, OTHER)
     with pytest.raises(ConfigError) as e:
-        check_chat_template(bare_tokenizer, {"data.train": train, "data.eval": evl})
+        check_shards(bare_tokenizer, {"data.train": train, "data.eval": evl})
     msg = str(e.value)
     assert msg.startswith(
         f"data.eval: shards were prepared with chat template sha256 {chat_template_sha256(OTHER)[:12]}"
@@ -168,9 +168,10 @@ def test_train_and_eval_with_different_templates_are_refused(
 
 
 def test_text_shards_leave_the_tokenizer_alone(tmp_path: Path, bare_tokenizer) -> None:
-    data = ShardDataset(write_shards(tmp_path / "ds", [[1, 2, 3]]))
+    hash = tokenizer_fingerprint(bare_tokenizer)
+    data = ShardDataset(write_shards(tmp_path / "ds", [[1, 2, 3]], tokenizer_hash=hash))
     assert data.chat_template is None and data.chat_template_sha256 is None
-    check_chat_template(bare_tokenizer, {"data.train": data, "data.eval": None})
+    check_shards(bare_tokenizer, {"data.train": data, "data.eval": None})
     assert not bare_tokenizer.chat_template
 
 
@@ -181,9 +182,9 @@ def test_hash_only_manifest_needs_a_tokenizer_with_the_template(
     with pytest.raises(
         ConfigError, match="has none, and .* holds only the hash .* re-run tools/prepare_data.py"
     ):
-        check_chat_template(bare_tokenizer, {"data.train": data})
+        check_shards(bare_tokenizer, {"data.train": data})
     bare_tokenizer.chat_template = TEMPLATE
-    check_chat_template(bare_tokenizer, {"data.train": data})
+    check_shards(bare_tokenizer, {"data.train": data})
 
 
 def test_manifest_template_not_matching_its_hash_is_refused(tmp_path: Path, bare_tokenizer) -> None:

@@ -11,18 +11,9 @@ import pytest
 import torch
 from helpers import random_samples, write_shards
 
-from irdro.data import (
-    MANIFEST_NAME,
-    DataError,
-    GlobalOrder,
-    Sample,
-    ShardDataset,
-    ShardWriter,
-    collate,
-    collate_packed,
-    sample_positions,
-)
-from irdro.prepare import cut_document, is_trainable
+from irdro.data import GlobalOrder, collate, collate_packed, sample_positions
+from irdro.prepare import SKIP_REASONS, cut_document, is_trainable
+from irdro.shards import MANIFEST_NAME, DataError, Sample, ShardDataset, ShardWriter
 
 
 def _writer(path: Path, **kw) -> ShardWriter:
@@ -33,6 +24,7 @@ def _writer(path: Path, **kw) -> ShardWriter:
         seq_len=64,
         eos_token_id=None,
         pad_token_id=None,
+        skip_reasons=SKIP_REASONS,
     )
     return ShardWriter(path, **{**args, **kw})
 
@@ -49,12 +41,12 @@ def test_round_trip_over_several_shards(tmp_path: Path) -> None:
         manifest = w.finalize()
 
     ds = ShardDataset(tmp_path / "ds")
-    assert len(ds) == 60 == manifest["num_samples"] == ds.manifest["num_samples"]
-    assert len(manifest["shards"]) > 1
-    assert all(s["num_tokens"] <= 200 for s in manifest["shards"])
-    assert manifest["num_tokens"] == sum(len(s) for s in samples)
-    assert manifest["num_docs"] == 20
-    assert manifest["dtype"] == "uint16"
+    assert len(ds) == 60 == manifest.num_samples == ds.manifest.num_samples
+    assert len(manifest.shards) > 1
+    assert all(s.num_tokens <= 200 for s in manifest.shards)
+    assert manifest.num_tokens == sum(len(s) for s in samples)
+    assert manifest.num_docs == 20
+    assert manifest.dtype == "uint16"
     for i, s in enumerate(samples):
         got = ds[i]
         assert got.sample_id == i
@@ -74,7 +66,7 @@ def test_round_trip_over_several_shards(tmp_path: Path) -> None:
 def test_dtype_follows_vocab_size(tmp_path: Path, vocab_size: int, dtype: str, top_id: int) -> None:
     write_shards(tmp_path / "ds", [[0, top_id, 7]], vocab_size=vocab_size)
     ds = ShardDataset(tmp_path / "ds")
-    assert ds.manifest["dtype"] == dtype
+    assert ds.manifest.dtype == dtype
     assert np.load(tmp_path / "ds" / "shard_00000.tokens.npy").dtype == np.dtype(dtype)
     np.testing.assert_array_equal(ds[0].input_ids, [0, top_id, 7])
 
@@ -90,7 +82,7 @@ def test_mask_read_path(tmp_path: Path) -> None:
     ]
     write_shards(tmp_path / "ds", samples, masks=masks)
     ds = ShardDataset(tmp_path / "ds")
-    assert "mask.npy" in ds.manifest["shards"][0]["sha256"]
+    assert "mask.npy" in ds.manifest.shards[0].sha256
     for i, (s, m) in enumerate(zip(samples, masks, strict=True)):
         expected = s if m is None else np.where(m, s, -100)
         np.testing.assert_array_equal(ds[i].labels, expected)
@@ -106,7 +98,7 @@ def test_no_mask_file_means_all_supervised(tmp_path: Path) -> None:
 
 def test_empty_dataset_round_trip(tmp_path: Path) -> None:
     manifest = _writer(tmp_path / "ds").finalize()
-    assert manifest["num_samples"] == 0 and manifest["shards"] == []
+    assert manifest.num_samples == 0 and manifest.shards == []
     assert len(ShardDataset(tmp_path / "ds")) == 0
 
 
@@ -219,7 +211,7 @@ def test_skip_counts(tmp_path: Path) -> None:
         w.skip("empty")
         w.skip("odd")
         manifest = w.finalize()
-    assert manifest["num_skipped"] == {
+    assert manifest.num_skipped == {
         "bad_json": 0,
         "bad_record": 0,
         "empty": 2,
@@ -235,7 +227,7 @@ def test_meta_and_counters_land_in_the_manifest(tmp_path: Path) -> None:
         w.count("num_truncated")
         w.count("num_truncated", 2)
         manifest = w.finalize()
-    assert (manifest["long_docs"], manifest["num_truncated"], manifest["has_mask"]) == (
+    assert (manifest.long_docs, manifest.num_truncated, manifest.has_mask) == (
         "split",
         3,
         True,

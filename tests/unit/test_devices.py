@@ -174,7 +174,7 @@ def test_evaluate_makes_no_tensor_on_the_default_device() -> None:
             return 5
 
         def __getitem__(self, i: int):
-            from irdro.data import Sample
+            from irdro.shards import Sample
 
             ids = np.arange(i, i + 6, dtype=np.int64) % 11
             return Sample(sample_id=i, input_ids=ids, labels=ids.copy(), doc_id=i, chunk_id=0)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from irdro.config import ConfigError
-from irdro.data import ShardDataset, collate, collate_packed
+from irdro.data import collate, collate_packed
 from irdro.model import block_causal_mask, packed_forward, packed_sample_nll, per_sample_nll
 from irdro.prepare import prepare
+from irdro.shards import ShardDataset
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
