@@ -63,7 +63,9 @@ def load(model_name: str, dtype: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    from irdro.model import DTYPES
+
+    torch_dtype = DTYPES[dtype]
     if model_name == "smollm2":
         path = smollm2()
         model = AutoModelForCausalLM.from_pretrained(

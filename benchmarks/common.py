@@ -17,8 +17,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from irdro.fsio import cache_dir  # noqa: E402 - needs ROOT on sys.path
+
 RESULTS = ROOT / "benchmarks" / "results"
-CACHE = Path(os.environ.get("IRDRO_CACHE", Path.home() / ".cache" / "irdro"))
+CACHE = cache_dir()
 BENCH = CACHE / "benchmarks"  # shards, saved models and runs of the benchmarks
 # DeepSpeed's shm_comm op kept being rebuilt in the shared ~/.cache/torch_extensions (other
 # processes on this box build it with other settings): the benchmarks use their own dir.

@@ -328,9 +328,9 @@ class Check:
             for s in sections
         )
         path = self.output / "gpu_check.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.result, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        from irdro.fsio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.result, indent=2, default=str) + "\n")
 
     def section(self, name: str, fn: Callable[[Check, dict], None]) -> None:
         """Run `fn(check, res)`, which fills `res` (live in the JSON, so a killed run keeps what

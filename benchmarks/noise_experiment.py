@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -44,8 +43,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from irdro.fsio import cache_dir, staged_dir  # noqa: E402 - needs ROOT on sys.path
+
 RESULTS = ROOT / "benchmarks" / "results"
-CACHE = Path(os.environ.get("IRDRO_CACHE", Path.home() / ".cache" / "irdro"))
+CACHE = cache_dir()
 WORK = CACHE / "noise_experiment"
 
 SEQ_LEN = 128
@@ -309,11 +310,9 @@ def pretrain(args) -> None:
         f"{res.records[-1].get('eval_ppl')}")  # fmt: skip
     model.load_state_dict(res.state_dict, strict=False)
     model.tie_weights()
-    tmp = WORK / "base_model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(tmp)
-    os.replace(tmp, base)
+    with staged_dir(base, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(tmp)
 
 
 def noise_weight(run_dir: Path, kinds: list[str], sample_doc: list[int]) -> dict:

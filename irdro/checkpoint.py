@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
 import re
@@ -26,22 +25,18 @@ import torch
 
 from irdro import dist
 from irdro.config import ConfigError
+from irdro.fsio import atomic_write_text, staged_dir
+from irdro.rundir import CHECKPOINT_DIR as CHECKPOINT_DIR  # re-exported for readers
+from irdro.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 MARKER = "irdro_complete.json"
 TAG_RE = re.compile(r"^step_(\d+)$")
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -64,7 +59,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
     records every file's size in the marker (a tag without a valid marker is never loaded), then
     replaces `latest`, then deletes complete tags older than the newest `keep_last` (0 keeps all).
     """
-    root = Path(output_dir) / CHECKPOINT_DIR
+    root = RunDir(output_dir).checkpoints
     tag = tag_for(step)
     if dist.is_main() and (root / tag).exists():  # a leftover of a crash at this very step
         shutil.rmtree(root / tag)
@@ -89,8 +84,8 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
     if dist.is_main():
         files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.is_file()}
         marker = {"step": step, "world_size": client_state["world_size"], "files": files}
-        _atomic_write(root / tag / MARKER, json.dumps(marker, indent=1))
-        _atomic_write(root / "latest", tag)
+        atomic_write_text(root / tag / MARKER, json.dumps(marker, indent=1))
+        atomic_write_text(root / "latest", tag)
         if keep_last > 0:
             for old in complete_tags(root)[keep_last:]:
                 shutil.rmtree(root / old, ignore_errors=True)
@@ -142,7 +137,7 @@ def find_resume(output_dir: str | Path, resume: str) -> ResumePoint | None:
     if resume == "never":
         return None
     if resume == "auto":
-        root = Path(output_dir) / CHECKPOINT_DIR
+        root = RunDir(output_dir).checkpoints
         if not root.is_dir():
             return None
         candidates = sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
@@ -176,26 +171,25 @@ def prepare_elastic(point: ResumePoint) -> Path:
     (once; cached next to the tag). Call on every rank; rank 0 converts."""
     out = universal_dir(point)
     if dist.is_main() and not (out / MARKER).is_file():
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         log.info(
             "converting %s (%d ranks) to a universal checkpoint", point.tag_dir, point.world_size
         )
-        proc = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-             str(point.tag_dir), "--output_folder", str(tmp), "--num_extract_workers", "1",
-             "--num_merge_workers", "1"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"universal conversion of {point.tag_dir} failed:\n{proc.stderr[-2000:]}"
-            )
-        for f in point.tag_dir.iterdir():  # our own resume files travel with it
-            if f.name.startswith("irdro_") and f.name != MARKER:
-                shutil.copy2(f, tmp / f.name)
-        shutil.copy2(point.tag_dir / MARKER, tmp / MARKER)
-        os.replace(tmp, out)
+        # A leftover without the marker (a crash mid-conversion) is replaced once the new one is in place.
+        with staged_dir(out, overwrite=True) as tmp:
+            proc = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                 str(point.tag_dir), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                 "--num_merge_workers", "1"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"universal conversion of {point.tag_dir} failed:\n{proc.stderr[-2000:]}"
+                )
+            for f in point.tag_dir.iterdir():  # our own resume files travel with it
+                if f.name.startswith("irdro_") and f.name != MARKER:
+                    shutil.copy2(f, tmp / f.name)
+            shutil.copy2(point.tag_dir / MARKER, tmp / MARKER)
     dist.barrier()
     return out
 

@@ -2,8 +2,8 @@
 
 Owns: consolidating ZeRO shards one tensor at a time into sharded safetensors + index, the config
 (with the exported dtype), generation config and tokenizer (from the run's `hf/` folder), tied vs
-untied embeddings, the temp-dir-then-rename write, and `verify` (reload with transformers and compare
-logits). Must not: train, or import deepspeed directly (irdro.checkpoint does).
+untied embeddings, the temp-dir-then-rename write (through irdro.fsio), and `verify` (reload with
+transformers and compare logits). Must not: train, or import deepspeed directly (irdro.checkpoint does).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from irdro.checkpoint import CHECKPOINT_DIR, check_complete, consolidated_fp32
+from irdro.checkpoint import check_complete, consolidated_fp32
+from irdro.fsio import staged_dir
+from irdro.model import DTYPE_NAMES, DTYPES
+from irdro.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class ExportError(Exception):
@@ -40,7 +40,7 @@ def parse_size(text: str) -> int:
 
 
 def resolve_tag(run_dir: Path, tag: str | None) -> Path:
-    root = run_dir / CHECKPOINT_DIR
+    root = RunDir(run_dir).checkpoints
     if tag is None:
         latest = root / "latest"
         if not latest.is_file():
@@ -111,7 +111,7 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
     t0 = time.perf_counter()
     run_dir, output = Path(run_dir), Path(output)
     tag_dir = resolve_tag(run_dir, tag)
-    hf_dir = run_dir / "hf"
+    hf_dir = RunDir(run_dir).hf
     if not (hf_dir / "config.json").is_file():
         raise ExportError(
             f"{hf_dir}: missing config.json (written at the start of every irdro run)"
@@ -139,10 +139,8 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
     specs = {n: (torch.Size(state[n].shape), target if state[n].dtype.is_floating_point
                  else state[n].dtype) for n in names}  # fmt: skip
 
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # Written beside `output`, renamed onto it when complete; an old export goes only afterwards.
+    with staged_dir(output, overwrite=True) as tmp:
         from tqdm.auto import tqdm
 
         weight_map: dict[str, str] = {}
@@ -176,15 +174,9 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
         for f in hf_dir.iterdir():  # tokenizer, chat template, generation config
             if f.is_file() and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)
-        config.dtype = HF_DTYPE_NAMES[dtype]
+        config.dtype = DTYPE_NAMES[dtype]
         config.use_cache = True
         config.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"tag": tag_dir.name, "tensors": len(names), "shards": len(shards), "bytes": sum(sizes.values()),
             "seconds": time.perf_counter() - t0}  # fmt: skip
 
@@ -206,7 +198,7 @@ def verify(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | 
     reloaded = AutoModelForCausalLM.from_pretrained(
         output, dtype=torch.float32, local_files_only=True
     )
-    config = AutoConfig.from_pretrained(run_dir / "hf", local_files_only=True)
+    config = AutoConfig.from_pretrained(RunDir(run_dir).hf, local_files_only=True)
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = consolidated_fp32(resolve_tag(run_dir, tag))
     target = DTYPES[dtype]

@@ -2,8 +2,8 @@
 
 Owns: atomic file writes (temp name beside the target, fsync, rename), staging directories that are
 published onto their final name in one rename (the old content removed only afterwards), the
-output-directory check every writer shares, and the sha256 of a file. Must not: know any file
-format (shards, checkpoints, exports) or import torch.
+output-directory check every writer shares, the sha256 of a file, and where irdro keeps its
+download cache. Must not: know any file format (shards, checkpoints, exports) or import torch.
 
 A reader therefore sees either the previous complete file/dir or the new complete one, never a
 partial one, also after `kill -9` or a full disk during the write.
@@ -16,6 +16,8 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -23,20 +25,33 @@ class OutputError(Exception):
     """An output path that cannot be written as asked; one line naming the path and what to do."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same directory, fsync'd, then renamed."""
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write `data` to `path` through a temp file in the same directory, fsync'd, then renamed.
+
+    Args:
+        path: the file to (re)place; its parent directory is created if missing.
+        data: the whole new content.
+        mode: permission bits of the new file (e.g. 0o600 for secrets); default: as `open` makes
+            it (0o666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None:
+    """Write `text` (UTF-8) to `path` atomically, as `atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
 def check_output_dir(output: Path, overwrite: bool) -> None:
@@ -79,6 +94,27 @@ def publish_dir(staging: Path, output: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def staged_dir(output: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A fresh staging dir beside `output` to fill in the `with` block, then published onto `output`.
+
+    On leaving the block without an error the staging dir is published with `publish_dir` (an old
+    `output` is removed only once the new one is in place); on any error, in the block or while
+    publishing, the staging dir is removed and `output` is left as it was.
+
+    Args:
+        output: the directory to create or replace.
+        overwrite: replace a non-empty `output` (else `publish_dir` raises OutputError).
+    """
+    staging = make_staging_dir(Path(output))
+    try:
+        yield staging
+        publish_dir(staging, Path(output), overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def sha256_file(file: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -86,3 +122,8 @@ def sha256_file(file: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Root of irdro's download cache: $IRDRO_CACHE, else ~/.cache/irdro."""
+    return Path(os.environ.get("IRDRO_CACHE") or Path.home() / ".cache" / "irdro")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from irdro import dist
 from irdro.config import ConfigError
+from irdro.fsio import atomic_write_text
+from irdro.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,12 @@ class RankZeroLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._file = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._file = open(RunDir(out).metrics, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(out / "tensorboard"))
+                self._tb = SummaryWriter(str(RunDir(out).tensorboard))
             except ImportError:
                 log.info("tensorboard not installed; skipping TensorBoard logging")
         if wandb:
@@ -82,8 +84,8 @@ class RankZeroLogger:
         such as doc_id/chunk_id/num_tokens. Non-finite numbers become null (strict JSON)."""
         if not self.active:
             return
-        out = self.output_dir / "samples"
-        out.mkdir(exist_ok=True)
+        run = RunDir(self.output_dir)
+        run.samples.mkdir(exist_ok=True)
         lines = []
         for w_idx, w in enumerate(windows):
             for sid, rank, loss, weight in zip(w.ids.tolist(), w.ranks.tolist(), w.losses.tolist(),
@@ -94,9 +96,7 @@ class RankZeroLogger:
                 if describe is not None:
                     row.update(describe(sid))
                 lines.append(json.dumps(row))
-        tmp = out / f".step_{step:08d}.jsonl.tmp"
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, out / f"step_{step:08d}.jsonl")
+        atomic_write_text(run.sample_dump(step), "\n".join(lines) + "\n")
 
     def histogram(self, name: str, values, step: int) -> None:
         if self.active and self._tb is not None:

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 # as long as models may be created or resized.
 _HF_DS_CONFIG: object | None = None
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The one dtype table: `model.dtype` / `--dtype` name -> torch/transformers name -> torch dtype.
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 
 
 def resolve_attention(choice: str, dtype: str) -> str:

@@ -18,18 +18,16 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from irdro.rundir import METRICS_FILE, SAMPLES_DIR, RunDir
+
 log = logging.getLogger(__name__)
 
-SAMPLES_DIR = "samples"
-METRICS_FILE = "metrics.jsonl"
-_STEP_FILE = re.compile(r"^step_(\d+)\.jsonl$")
 _MAX_SCATTER_POINTS = 100_000
 _PROGRESS_MIN_FILES = 100  # reading fewer dumps takes well under a second
 # A window whose weights are all within this of each other is "uniform" (warm-up, ERM, huge lam).
@@ -92,7 +90,7 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
     path = Path(run_dir)
     if not path.is_dir():
         raise ObserveError(f"run directory {path} does not exist")
-    if not (path / METRICS_FILE).is_file() and not (path / SAMPLES_DIR).is_dir():
+    if not RunDir(path).metrics.is_file() and not RunDir(path).samples.is_dir():
         raise ObserveError(
             f"{path} is not an irdro run directory (no {METRICS_FILE} or {SAMPLES_DIR}/); pass the "
             "recipe's output_dir"
@@ -106,20 +104,17 @@ def dump_files(run_dir: str | os.PathLike) -> dict[int, Path]:
     Raises:
         ObserveError: no samples/ directory or no dump in it.
     """
-    folder = Path(run_dir) / SAMPLES_DIR
+    folder = RunDir(run_dir).samples
     hint = (
         "set log.samples_every=N in the recipe (or as an override: log.samples_every=10) to dump "
         "every N-th step's per-sample losses and weights, and train again"
     )
     if not folder.is_dir():
         raise ObserveError(f"{folder} does not exist: this run dumped no samples; {hint}")
-    files = {}
-    for f in folder.iterdir():
-        if m := _STEP_FILE.match(f.name):
-            files[int(m.group(1))] = f
+    files = RunDir(run_dir).sample_dumps()
     if not files:
         raise ObserveError(f"{folder} holds no step_<N>.jsonl dumps; {hint}")
-    return dict(sorted(files.items()))
+    return files
 
 
 def load_dumps(
@@ -139,7 +134,7 @@ def load_dumps(
     if step is not None:
         if step not in files:
             raise ObserveError(
-                f"no dump for step {step} in {Path(run_dir) / SAMPLES_DIR}; dumped steps: "
+                f"no dump for step {step} in {RunDir(run_dir).samples}; dumped steps: "
                 f"{_describe_steps(list(files))}"
             )
         files = {step: files[step]}
@@ -172,7 +167,7 @@ def load_dumps(
     loss = np.asarray(cols["loss"], dtype=np.float64)
     weight = np.asarray(cols["weight"], dtype=np.float64)
     if loss.size == 0:
-        raise ObserveError(f"the dumps in {Path(run_dir) / SAMPLES_DIR} hold no sample rows")
+        raise ObserveError(f"the dumps in {RunDir(run_dir).samples} hold no sample rows")
 
     # Group rows by (step, window).
     keys = ints["step"] * (int(ints["window"].max()) + 1) + ints["window"]
@@ -212,7 +207,7 @@ def load_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
     A resumed run can repeat a step; the last line for a step wins.
     """
-    file = Path(run_dir) / METRICS_FILE
+    file = RunDir(run_dir).metrics
     if not file.is_file():
         return []
     by_step: dict[int, dict[str, Any]] = {}
@@ -236,7 +231,7 @@ def describe_reweighting(run_dir: str | os.PathLike) -> str:
     import yaml
 
     try:
-        recipe = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text(encoding="utf-8"))
+        recipe = yaml.safe_load(RunDir(run_dir).recipe.read_text(encoding="utf-8"))
         rw = dict(recipe["reweight"])
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return ""
@@ -358,7 +353,7 @@ def _find_data_dir(run_dir: Path, value: str) -> Path:
         if c.is_dir():
             return c
     raise ObserveError(
-        f"data.train {value!r} (from {run_dir / 'recipe.yaml'}) not found relative to the current "
+        f"data.train {value!r} (from {RunDir(run_dir).recipe}) not found relative to the current "
         "directory or the run directory's parents; run from the directory you trained in"
     )
 
@@ -374,7 +369,7 @@ def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[in
     from irdro.shards import DataError, ShardDataset, ShardMismatch, check_compatible
 
     run = Path(run_dir)
-    recipe_file = run / "recipe.yaml"
+    recipe_file = RunDir(run).recipe
     if not recipe_file.is_file():
         raise ObserveError(f"{recipe_file} not found; cannot tell which data the sample ids index")
     try:
@@ -386,7 +381,7 @@ def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[in
         data = ShardDataset(_find_data_dir(run, str(train)))
     except DataError as e:
         raise ObserveError(str(e)) from None
-    hf = run / "hf"
+    hf = RunDir(run).hf
     try:
         from transformers import AutoTokenizer
 

@@ -18,7 +18,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +39,7 @@ from irdro.config import (
 )
 from irdro.data import Batches, make_batch
 from irdro.engine import exit_rank, init_distributed, initialize, shutdown_distributed
+from irdro.fsio import atomic_write_text, staged_dir
 from irdro.metrics import RankZeroLogger
 from irdro.model import (
     load_model,
@@ -50,6 +50,7 @@ from irdro.model import (
 )
 from irdro.normalize import Window, backward_scale, reweight_window
 from irdro.paths import check_local_paths
+from irdro.rundir import RunDir
 from irdro.shards import DataError, ShardDataset, ShardMismatch, check_compatible
 
 log = logging.getLogger("irdro.train")
@@ -209,28 +210,27 @@ def write_run_files(recipe: Recipe, ds_config: dict, model, tokenizer) -> None:
     tokenizer that tools/convert_to_hf.py exports with), each written atomically."""
     if not dist.is_main():
         return
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("recipe.yaml", dump_yaml(recipe)),
-        ("ds_config.json", json.dumps(ds_config, indent=2)),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-    tmp = out / ".hf.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.save_pretrained(tmp)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if recipe.model.path is not None:  # the base model's licence travels with every export
-        for name in ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "SOURCE.txt", "SOURCE.json"):
-            src = resolve_path(recipe.model.path) / name
-            if src.is_file():
-                shutil.copy2(src, tmp / name)
-    shutil.rmtree(out / "hf", ignore_errors=True)
-    os.replace(tmp, out / "hf")
+    run = RunDir(recipe.output_dir)
+    atomic_write_text(run.recipe, dump_yaml(recipe))
+    atomic_write_text(run.ds_config, json.dumps(ds_config, indent=2))
+    # hf/ is built beside itself and renamed into place; the old one goes only afterwards.
+    with staged_dir(run.hf, overwrite=True) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if recipe.model.path is not None:  # the base model's licence travels with every export
+            for name in (
+                "LICENSE",
+                "LICENSE.txt",
+                "LICENSE.md",
+                "NOTICE",
+                "SOURCE.txt",
+                "SOURCE.json",
+            ):
+                src = resolve_path(recipe.model.path) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
 
 
 @dataclass
@@ -357,22 +357,20 @@ def every(step: int, interval: int) -> bool:
 
 def truncate_metrics(output_dir: str, step: int) -> None:
     """On resume, drop metrics.jsonl lines and sample dumps past the checkpoint (they are redone)."""
-    path = Path(output_dir) / "metrics.jsonl"
+    run = RunDir(output_dir)
     if not dist.is_main():
         return
-    for dump in (Path(output_dir) / "samples").glob("step_*.jsonl"):
-        if int(dump.stem.split("_")[1]) > step:
+    for dump_step, dump in run.sample_dumps().items():
+        if dump_step > step:
             dump.unlink()
-    if not path.exists():
+    if not run.metrics.exists():
         return
     keep = [
         line
-        for line in path.read_text().splitlines()
+        for line in run.metrics.read_text().splitlines()
         if line.strip() and json.loads(line)["step"] <= step
     ]
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(run.metrics, "".join(line + "\n" for line in keep))
 
 
 def client_state(recipe: Recipe, step: int, dp: int) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from irdro.engine import free_port  # noqa: E402 - needs ROOT on sys.path
+from irdro.rundir import RunDir  # noqa: E402
 
 RECIPE = "recipes/smollm2/cpu_irdro.yaml"
 MODEL = "assets/smollm2-135m-instruct"
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
          "--no-progress"])  # fmt: skip
     run([py, "tools/plot_weights.py", args.output, "--show-text", "2"])
 
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in RunDir(run_dir).metrics.read_text().splitlines()]
     evals = [r for r in records if "eval_ppl" in r]
     steps = [r for r in records if "ess" in r]
     print("\n== generation (greedy, 40 tokens) ==", flush=True)

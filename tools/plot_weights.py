@@ -32,6 +32,7 @@ from irdro.observe import (  # noqa: E402
     pick_samples,
     summarise,
 )
+from irdro.rundir import RunDir  # noqa: E402
 
 _DESCRIPTION = """\
 Write PNGs that show what hard-sample reweighting does to a run's data, from the per-sample dumps
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         dumps = load_dumps(run_dir, args.step, progress=not args.no_progress)
         metrics = load_metrics(run_dir)
         if not metrics:
-            logging.warning("%s has no metrics; skipping the ESS panel", run_dir / "metrics.jsonl")
+            logging.warning("%s has no metrics; skipping the ESS panel", RunDir(run_dir).metrics)
         print(summarise(dumps, metrics))
         output = args.output or run_dir / "plots"
         title = describe_reweighting(run_dir)
