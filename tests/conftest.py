@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Fixtures and hooks shared by every test folder (helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # make `tools` importable when pytest is run without `python -m`
     sys.path.insert(0, str(ROOT))
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
