@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.seq_len)))  # fmt: skip
         return 0
 
-    from tools.fetch_assets import fetch_gpt2_tokenizer
+    from irdro_tools.fetch_assets import fetch_gpt2_tokenizer
 
     tokenizer = args.tokenizer or fetch_gpt2_tokenizer(
         str(cache_dir() / "assets" / "gpt2-tokenizer")

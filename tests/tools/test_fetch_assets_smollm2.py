@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tools import fetch_assets
-from tools.fetch_assets import SMOLLM2_CHECKS, AssetError, _check_smollm2, fetch_smollm2
+from irdro_tools import fetch_assets
+from irdro_tools.fetch_assets import SMOLLM2_CHECKS, AssetError, _check_smollm2, fetch_smollm2
 
 NUM_PARAMS = 134_515_008  # SmolLM2-135M, embeddings tied (stored once)
 

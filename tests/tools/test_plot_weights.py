@@ -18,7 +18,7 @@ pytest.importorskip("matplotlib", reason="plotting needs the plot extra: pip ins
 
 from irdro.data import ShardDataset  # noqa: E402
 from irdro.observe import decode_samples, load_dumps, loss_groups, pick_samples  # noqa: E402
-from tools.plot_weights import main  # noqa: E402
+from irdro_tools.plot_weights import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "plot_weights.py"
