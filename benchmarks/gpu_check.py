@@ -307,7 +307,7 @@ class Check:
         self.deadline = self.started + budget_s
         output.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(output / "gpu_check.log", "w", encoding="utf-8")  # noqa: SIM115
+        self.log_file = open(output / "gpu_check.log", "w", encoding="utf-8")
         self.result: dict = {"mode": plan.name, "ok": False, "budget_s": budget_s, "work_dir": str(work),
                              "sections": {}}  # fmt: skip
         self.env = self._child_env()

@@ -34,7 +34,7 @@ class RankZeroLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._file = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._file = open(out / "metrics.jsonl", "a", buffering=1)  # closed in close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
