@@ -427,7 +427,7 @@ def fetch_smollm2(output: str | None = None) -> str:
     """Build the SmolLM2-135M-Instruct HF folder at ``output`` unless one is already there.
 
     The model is built once into ``smollm2_cache_dir()`` (download ~93 MB, dequantise, save
-    ~540 MB fp32; about half a minute on 2 cores) and copied from there to any other ``output``.
+    ~540 MB fp32) and copied from there to any other ``output``.
 
     Args:
         output: destination folder (default: ``smollm2_cache_dir()``).
