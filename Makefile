@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/pip install -q -e ".[test,plot]" tensorboard
+	$(BIN)/pip install -q -e ".[test,plot,assets]" tensorboard
 	touch $@
 
 assets/gpt2-tokenizer/tokenizer.json: | setup

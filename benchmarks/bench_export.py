@@ -31,9 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from irdro.engine import free_port  # noqa: E402 - needs ROOT on sys.path
+from common import ROOT
+
+from irdro.engine import free_port
 
 RECIPE = "recipes/smollm2/cpu_irdro.yaml"
 CASES = [  # (name, extra convert_to_hf arguments)
@@ -46,8 +46,7 @@ CASES = [  # (name, extra convert_to_hf arguments)
     ("export fp32 --max-shard-size 100MB", ["--dtype", "fp32", "--max-shard-size", "100MB"]),
 ]
 BASELINE_CODE = (
-    "import sys; sys.path.insert(0, 'tools'); sys.path.insert(0, '.');"
-    "import convert_to_hf, torch, safetensors.torch, transformers;"
+    "import irdro_tools.convert_to_hf, torch, safetensors.torch, transformers;"
     "from transformers import AutoConfig, AutoModelForCausalLM;"
     "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint"
 )

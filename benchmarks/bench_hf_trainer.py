@@ -35,7 +35,6 @@ from common import (
     PY,
     ROOT,
     TINY_LLAMA,
-    free_port,
     gpt2_tokenizer,
     median,
     say,
@@ -44,6 +43,8 @@ from common import (
     status_kb,
     write_results,
 )
+
+from irdro.engine import free_port
 
 DEEPSPEED = str(Path(PY).with_name("deepspeed"))
 LR, BETAS, EPS = 1e-4, (0.9, 0.95), 1e-8

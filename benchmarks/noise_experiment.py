@@ -41,12 +41,10 @@ import tarfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from irdro.fsio import cache_dir, staged_dir  # noqa: E402 - needs ROOT on sys.path
+from common import CACHE, EXTENSIONS, RESULTS, ROOT, say
 
-RESULTS = ROOT / "benchmarks" / "results"
-CACHE = cache_dir()
+from irdro.fsio import staged_dir
+
 WORK = CACHE / "noise_experiment"
 
 SEQ_LEN = 128
@@ -89,10 +87,6 @@ CYRILLIC = dict(
         strict=True,
     )
 )
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------------- corpus
@@ -273,9 +267,8 @@ def base_recipe(output_dir: Path, seed: int) -> dict:
 def run(recipe: dict, timeout: float):
     from irdro.testing import run_ranks
 
-    # Our own extensions dir: DeepSpeed's shm_comm op was being rebuilt on every start in the shared
-    # ~/.cache/torch_extensions (other processes on this box build it with other settings).
-    env = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(CACHE / "torch_extensions")}
+    # common.EXTENSIONS: DeepSpeed's shm_comm op kept being rebuilt in the shared dir
+    env = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
     res = run_ranks(recipe, 2, timeout=timeout, env=env)
     for r in res.ranks:
         if r.returncode != 0:

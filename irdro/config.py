@@ -601,7 +601,7 @@ def _dotted(ds: dict, key: str) -> Any:
 
 
 def _refuse_unsafe_ds_settings(ds: dict, source: str) -> None:
-    """Refuse engine settings that silently break the gradient contract of DESIGN.md section 2 or
+    """Refuse engine settings that silently break the gradient contract of irdro.normalize or
     the non-finite step skip (the merged DS JSON + ds_overrides; `source` names the file)."""
     refused = (
         ("gradient_predivide_factor", lambda v: v is not None and float(v) != 1.0,

@@ -36,7 +36,7 @@ class RankZeroLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._file = open(RunDir(out).metrics, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._file = open(RunDir(out).metrics, "a", buffering=1)  # closed in close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

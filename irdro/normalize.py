@@ -1,4 +1,4 @@
-"""The window contract (DESIGN.md section 2): global weights over data-parallel ranks.
+"""The window contract (README, "The distributed contract"): global weights over data-parallel ranks.
 
 Owns: gathering a window's detached per-sample losses from every DP rank, computing one identical
 weight vector on every rank, and turning this rank's slice into backward coefficients such that

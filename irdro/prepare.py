@@ -504,8 +504,8 @@ def _memory_pool() -> Any:
     """The system allocator for the main process's Arrow buffers.
 
     pyarrow's default mimalloc pool kept the freed buffers of stage 1 and 3 and grew the peak RSS
-    with the corpus size (+32 MiB from 1x to 4x of the Shakespeare benchmark); malloc returns them,
-    and these are few, large allocations where the pool's speed does not matter.
+    with the corpus size (docs/benchmarks.md, "Found on the way"); malloc returns them, and these
+    are few, large allocations where the pool's speed does not matter.
     """
     import pyarrow as pa
 

@@ -59,7 +59,7 @@ def spawn_ranks(args: list[str], world_size: int, logdir: Path, *, env: dict | N
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                 "PYTHONFAULTHANDLER": "1"}  # fmt: skip
         cmd = [sys.executable, *(a.replace("{rank}", str(rank)) for a in args)]
-        logf = open(logdir / f"log{rank}.txt", "w")  # noqa: SIM115 - closed below
+        logf = open(logdir / f"log{rank}.txt", "w")  # closed below
         procs.append((subprocess.Popen(cmd, env=penv, stdout=logf, stderr=subprocess.STDOUT), logf))
     try:
         for p, _ in procs:

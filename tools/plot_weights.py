@@ -14,13 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `python tools/plot_weights.py` from a checkout, not installed
-    sys.path.insert(0, str(_ROOT))
-
-from irdro.observe import (  # noqa: E402
+from irdro.observe import (
     ObserveError,
     check_run_dir,
     decode_samples,
@@ -32,7 +27,7 @@ from irdro.observe import (  # noqa: E402
     pick_samples,
     summarise,
 )
-from irdro.rundir import RunDir  # noqa: E402
+from irdro.rundir import RunDir
 
 _DESCRIPTION = """\
 Write PNGs that show what hard-sample reweighting does to a run's data, from the per-sample dumps
@@ -52,7 +47,6 @@ decoded through the run's recipe.yaml (data.train) and tokenizer (RUN_DIR/hf).""
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     parser = argparse.ArgumentParser(
-        prog="plot_weights.py",
         description=_DESCRIPTION,
         epilog=(
             "examples:\n"

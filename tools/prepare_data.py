@@ -17,12 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `python tools/prepare_data.py` from a checkout, not installed
-    sys.path.insert(0, str(_ROOT))
-
-from irdro.prepare import ALPACA_TEMPLATE, FORMATS, LONG_DOCS, prepare  # noqa: E402
-from irdro.shards import MANIFEST_NAME, DataError, ShardDataset  # noqa: E402
+from irdro.prepare import ALPACA_TEMPLATE, FORMATS, LONG_DOCS, prepare
+from irdro.shards import MANIFEST_NAME, DataError, ShardDataset
 
 _DESCRIPTION = """\
 Tokenise documents into memory-mapped token shards plus a manifest.json (tokenizer name and
@@ -57,7 +53,6 @@ def _description() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     parser = argparse.ArgumentParser(
-        prog="prepare_data.py",
         description=_description(),
         epilog=(
             "examples:\n"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dist_helpers import save_tiny_model
+from helpers import save_tiny_model
 
 
 @pytest.fixture(scope="session")

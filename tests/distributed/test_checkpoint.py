@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import save_tiny_model
+from helpers import save_tiny_model
 
 from irdro.checkpoint import CHECKPOINT_DIR
 from irdro.testing import run_ranks

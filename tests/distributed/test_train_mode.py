@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_helpers import save_tiny_opt
+from helpers import save_tiny_opt
 
 from irdro.testing import run_ranks
 

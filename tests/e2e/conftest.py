@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from e2e_helpers import ROOT
+from helpers import ROOT
 
 
 @pytest.fixture(scope="session")

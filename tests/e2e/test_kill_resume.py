@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e_helpers import ROOT, smoke_command
+from helpers import ROOT, smoke_command
 
 from irdro.checkpoint import consolidated_fp32
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from e2e_helpers import ROOT, launcher, smoke_command
+from helpers import ROOT, launcher, smoke_command
 
 from irdro.checkpoint import check_complete, consolidated_fp32
 from irdro.testing import free_port

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tools.make_deepspeed_env import ds_parse, main, render, select
+from irdro_tools.make_deepspeed_env import ds_parse, main, render, select
 
 # Values a cluster really has, including the ones DeepSpeed has to quote.
 AWKWARD = {

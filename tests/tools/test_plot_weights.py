@@ -16,9 +16,9 @@ from helpers import write_shards
 
 pytest.importorskip("matplotlib", reason="plotting needs the plot extra: pip install -e .[plot]")
 
-from irdro.observe import decode_samples, load_dumps, loss_groups, pick_samples  # noqa: E402
-from irdro.shards import ShardDataset  # noqa: E402
-from tools.plot_weights import main  # noqa: E402
+from irdro.observe import decode_samples, load_dumps, loss_groups, pick_samples
+from irdro.shards import ShardDataset
+from irdro_tools.plot_weights import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "plot_weights.py"

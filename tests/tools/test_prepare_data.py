@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from irdro.prepare import prepare
 from irdro.shards import DataError, ShardDataset, tokenizer_fingerprint
-from tools import prepare_data
-from tools.fetch_assets import GPT2_CHECKS, _check_gpt2, fetch_gpt2_tokenizer
+from irdro_tools import prepare_data
+from irdro_tools.fetch_assets import GPT2_CHECKS, _check_gpt2, fetch_gpt2_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 SEQ_LEN = 64
@@ -256,7 +256,7 @@ def test_cli_usage_errors(capsys) -> None:
 
 
 def test_fetch_assets_refuses_a_foreign_dir(tmp_path: Path, capsys) -> None:
-    from tools import fetch_assets
+    from irdro_tools import fetch_assets
 
     (tmp_path / "stuff.txt").write_text("x")
     assert fetch_assets.main(["gpt2-tokenizer", "--output", str(tmp_path)]) == 2

@@ -16,7 +16,7 @@ import irdro.prepare
 from irdro.prepare import ALPACA_TEMPLATE_NO_INPUT, prepare
 from irdro.shards import DataError, ShardDataset, tokenizer_fingerprint
 from irdro.train import check_shards
-from tools import prepare_data
+from irdro_tools import prepare_data
 
 ROOT = Path(__file__).resolve().parents[2]
 CHATTERBOT = ROOT / "tests" / "fixtures" / "chatterbot"
