@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from irdro.config import SCHEMES
+
 log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
@@ -241,11 +243,7 @@ def describe_reweighting(run_dir: str | os.PathLike) -> str:
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return ""
     scheme = rw.pop("scheme", "?")
-    params = {
-        "irdro": ("lam", "trim_top"),
-        "midrank": ("frac", "portion"),
-        "transform": ("lam", "transform", "delta"),
-    }.get(scheme, ())
+    params = SCHEMES[scheme].params if scheme in SCHEMES else ()
     fmt = {k: f"{v:g}" if isinstance(v, int | float) else str(v) for k, v in rw.items()}
     text = " ".join([str(scheme)] + [f"{k}={fmt[k]}" for k in params if k in rw])
     if "window" in rw:
