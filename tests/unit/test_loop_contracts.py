@@ -43,7 +43,7 @@ def test_training_aborted_exits_3_and_passes_the_hooks(fake_launch, caplog):
 
 
 def test_a_runtime_error_is_not_an_abort_whatever_its_text(fake_launch):
-    def fake(recipe, hooks_arg):
+    def fake(recipe, hooks_arg=None):
         raise RuntimeError("aborting: not a TrainingAborted")
 
     fake_launch(fake)
