@@ -101,6 +101,24 @@ class StepStats:
     local_tokens: int
     windows: list[Window]
 
+    @classmethod
+    def of(cls, windows: list[Window], skipped: bool, local_tokens: int) -> StepStats:
+        """The statistics of a step's windows; the weight statistics are NaN unless all are finite."""
+        finite = all(w.finite for w in windows)
+
+        def if_finite(x: float) -> float:
+            return float(x) if finite else math.nan
+
+        return cls(
+            loss=float(np.mean([w.mean_loss for w in windows])),
+            weighted_loss=if_finite(np.mean([w.weighted_loss for w in windows])),
+            ess=if_finite(np.mean([w.ess for w in windows])),
+            max_weight=if_finite(max(w.max_weight for w in windows)),
+            skipped=int(skipped),
+            local_tokens=local_tokens,
+            windows=windows,
+        )
+
     def metrics(self) -> dict[str, float | int]:
         """The step's own metrics.jsonl fields."""
         return {"loss": self.loss, "weighted_loss": self.weighted_loss, "ess": self.ess,
@@ -218,16 +236,7 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
         engine.backward(loss)
         engine.step()
         tokens += int(counts.sum())
-    finite = all(w.finite for w in windows)
-    return StepStats(
-        loss=float(np.mean([w.mean_loss for w in windows])),
-        weighted_loss=float(np.mean([w.weighted_loss for w in windows])) if finite else math.nan,
-        ess=float(np.mean([w.ess for w in windows])) if finite else math.nan,
-        max_weight=float(max(w.max_weight for w in windows)) if finite else math.nan,
-        skipped=int(not engine.was_step_applied()),
-        local_tokens=tokens,
-        windows=windows,
-    )
+    return StepStats.of(windows, skipped=not engine.was_step_applied(), local_tokens=tokens)
 
 
 @torch.no_grad()
