@@ -2,10 +2,11 @@
 (OUT_JSON may contain `{rank}`, so the deepspeed launcher can start it: `deepspeed --num_gpus 2
 --no_local_rank benchmarks/rank_entry.py 'out.{rank}.json' RECIPE`).
 
-Runs `irdro.train.main` unchanged, but resets the kernel's peak-RSS counter (VmHWM, via
-/proc/self/clear_refs) once setup is done (model loaded, engine built), so the peak it reports is
-the training loop's, not the model load's. Writes {rank, rc, peak_rss_train_kb, rss_after_setup_kb,
-peak_rss_setup_kb, peak_rss_total_kb} to OUT_JSON.
+Runs `irdro.train.main` with two `irdro.train.Hooks`: once setup is done (model loaded, engine
+built) it resets the kernel's peak-RSS counter (VmHWM, via /proc/self/clear_refs), so the peak it
+reports is the training loop's, not the model load's; after every optimizer step it notes the wall
+clock. Writes {rank, rc, peak_rss_train_kb, rss_after_setup_kb, peak_rss_setup_kb,
+peak_rss_total_kb, log_times} to OUT_JSON.
 """
 
 from __future__ import annotations
@@ -23,30 +24,24 @@ from common import status_kb  # noqa: E402 - benchmarks/ is this script's direct
 
 def main() -> int:
     out, argv = sys.argv[1].replace("{rank}", os.environ.get("RANK", "0")), sys.argv[2:]
-    import irdro.train as train_mod
+    from irdro.train import Hooks, Setup, StepStats
+    from irdro.train import main as train_main
 
     info: dict = {"rank": int(os.environ.get("RANK", "0"))}
-    original_setup = train_mod.setup
 
-    def setup(recipe):
-        result = original_setup(recipe)
+    def after_setup(_setup: Setup) -> None:
         info["rss_after_setup_kb"] = status_kb("VmRSS")
         info["peak_rss_setup_kb"] = status_kb("VmHWM")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        return result
 
-    train_mod.setup = setup  # train() looks `setup` up in its module at call time
-    # Wall-clock time of every metrics record (logged once per step): the interval between two
-    # records is the whole loop iteration (data, step, token count, grad norm, logging).
+    # Wall-clock time at the end of every optimizer step, with the step's metrics.jsonl number: the
+    # interval between two is the whole loop iteration (data, step, token count, grad norm, logging).
     log_times: list[tuple[int, float]] = []
-    original_log = train_mod.RankZeroLogger.log
 
-    def log(self, record):
-        log_times.append((int(record.get("step", -1)), time.perf_counter()))
-        return original_log(self, record)
+    def after_step(_step: int, _stats: StepStats, record: dict) -> None:
+        log_times.append((int(record["step"]), time.perf_counter()))
 
-    train_mod.RankZeroLogger.log = log
-    rc = train_mod.main(argv)
+    rc = train_main(argv, Hooks(after_setup=after_setup, after_step=after_step))
     info.update(
         rc=rc,
         log_times=log_times,

@@ -194,14 +194,33 @@ def prepare_elastic(point: ResumePoint) -> Path:
     return out
 
 
-def load(engine, point: ResumePoint, elastic: bool) -> dict:
+def load(engine, point: ResumePoint, elastic: bool, global_batch: int) -> dict:
     """Load weights, optimizer, LR schedule and RNG from `point`; returns the client state.
-    Call on every rank."""
+    Call on every rank.
+
+    Args:
+        engine: the DeepSpeed engine to load into.
+        point: the checkpoint chosen by `find_resume`.
+        elastic: load the universal checkpoint made by `prepare_elastic` (another world size).
+        global_batch: samples per optimizer step of this launch; the index-based data cursor is
+            only valid for the global batch the checkpoint was trained with.
+
+    Raises:
+        ConfigError: the checkpoint was trained with another global batch.
+    """
     tag_dir = universal_dir(point) if elastic else point.tag_dir
     _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                              load_optimizer_states=True, load_lr_scheduler_states=True)  # fmt: skip
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
+    step = client_state["step"]
+    saved = client_state["consumed_samples"] // max(1, step) if step else None
+    if saved is not None and saved != global_batch:
+        raise ConfigError(
+            f"resume: {point.tag_dir} was trained with a global batch of {saved} samples per step; "
+            f"this launch has {global_batch} (micro_batch_size x grad_accum_steps x "
+            f"{dist.dp_size()} ranks): change grad_accum_steps so they match"
+        )
     rng_file = tag_dir / f"irdro_rng_rank{dist.global_rank()}.pkl"
     if not rng_file.is_file():
         rng_file = tag_dir / "irdro_rng_rank0.pkl"

@@ -16,15 +16,12 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-# Scheme names of irdro.reweight's registry (kept here so config stays torch-free; a unit test
-# checks the two agree).
-SCHEMES = ("erm", "irdro", "midrank", "transform")
 
 # DeepSpeed keys the recipe owns; a DS JSON that sets them is refused.
 RECIPE_OWNED_DS_KEYS = (
@@ -100,6 +97,58 @@ class ReweightConfig:
     """`transform` scheme: half-width of the rescaled loss range (> 0)."""
     warmup_steps: int = 0
     """Uniform weights for the first N optimizer steps."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What the recipe, irdro.reweight and irdro.observe know of one weighting scheme (torch-free).
+
+    A scheme is its weight function in irdro.reweight (registered under the same name) plus its entry
+    in `SCHEMES`; a unit test checks that the two agree.
+
+    Attributes:
+        params: the `reweight.*` fields passed to the weight function as keyword arguments.
+        check_window: `(reweight, window size)` -> None, raising ConfigError when the scheme's
+            parameters leave no sample to weight (or trim) in a window of that size; None = no check.
+    """
+
+    params: tuple[str, ...] = ()
+    check_window: Callable[[ReweightConfig, int], None] | None = None
+
+
+def _check_midrank_window(w: ReweightConfig, n: int) -> None:
+    c = math.floor(w.frac * n)
+    _check(
+        c >= 1,
+        "reweight.frac",
+        f"MidRanking band is empty: floor({w.frac} x window {n}) = 0; raise frac or the batch",
+    )
+    _check(
+        (w.portion + 1) * c <= n,
+        "reweight.portion",
+        f"band [{w.portion * c}, {(w.portion + 1) * c}) lies outside the window of {n} "
+        f"samples; lower portion or frac",
+    )
+
+
+def _check_irdro_window(w: ReweightConfig, n: int) -> None:
+    if w.trim_top > 0:
+        k = math.floor(w.trim_top * n)
+        _check(k < n, "reweight.trim_top", f"trims every sample of a window of {n}")
+        _check(
+            k >= 1,
+            "reweight.trim_top",
+            f"floor({w.trim_top} x window {n}) = 0 trims nothing; use >= {1 / n:.3g} or a larger window",
+        )
+
+
+# Every scheme by registry name (irdro.reweight registers a weight function under each).
+SCHEMES: dict[str, Scheme] = {
+    "erm": Scheme(),
+    "irdro": Scheme(("lam", "trim_top"), _check_irdro_window),
+    "midrank": Scheme(("frac", "portion"), _check_midrank_window),
+    "transform": Scheme(("lam", "transform", "delta")),
+}
 
 
 @dataclass(frozen=True)
@@ -416,7 +465,7 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
 
     w = r.reweight
     if w.scheme not in SCHEMES:
-        close = difflib.get_close_matches(w.scheme, SCHEMES, n=1)
+        close = difflib.get_close_matches(w.scheme, list(SCHEMES), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"reweight.scheme: {w.scheme!r} is not one of {', '.join(SCHEMES)}{hint}")
     _check(
@@ -468,29 +517,9 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
                 f"{r.global_batch_size} != micro_batch_size {r.micro_batch_size} x grad_accum_steps "
                 f"{r.grad_accum_steps} x data-parallel size {world_size} = {r.global_batch(world_size)}",
             )
-        if w.scheme == "midrank":
-            n = r.window_size(world_size)
-            c = math.floor(w.frac * n)
-            _check(
-                c >= 1,
-                "reweight.frac",
-                f"MidRanking band is empty: floor({w.frac} x window {n}) = 0; raise frac or the batch",
-            )
-            _check(
-                (w.portion + 1) * c <= n,
-                "reweight.portion",
-                f"band [{w.portion * c}, {(w.portion + 1) * c}) lies outside the window of {n} "
-                f"samples; lower portion or frac",
-            )
-        if w.scheme == "irdro" and w.trim_top > 0:
-            n = r.window_size(world_size)
-            k = math.floor(w.trim_top * n)
-            _check(k < n, "reweight.trim_top", f"trims every sample of a window of {n}")
-            _check(
-                k >= 1,
-                "reweight.trim_top",
-                f"floor({w.trim_top} x window {n}) = 0 trims nothing; use >= {1 / n:.3g} or a larger window",
-            )
+        check_window = SCHEMES[w.scheme].check_window
+        if check_window is not None:
+            check_window(w, r.window_size(world_size))
 
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON

@@ -108,10 +108,6 @@ class RankZeroLogger:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
             self._bar.refresh()
 
-    def info(self, msg: str, *args: object) -> None:
-        if self.active:
-            log.info(msg, *args)
-
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

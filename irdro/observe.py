@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from irdro.config import SCHEMES
 from irdro.rundir import METRICS_FILE, SAMPLES_DIR, RunDir
 
 log = logging.getLogger(__name__)
@@ -236,11 +237,7 @@ def describe_reweighting(run_dir: str | os.PathLike) -> str:
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
         return ""
     scheme = rw.pop("scheme", "?")
-    params = {
-        "irdro": ("lam", "trim_top"),
-        "midrank": ("frac", "portion"),
-        "transform": ("lam", "transform", "delta"),
-    }.get(scheme, ())
+    params = SCHEMES[scheme].params if scheme in SCHEMES else ()
     fmt = {k: f"{v:g}" if isinstance(v, int | float) else str(v) for k, v in rw.items()}
     text = " ".join([str(scheme)] + [f"{k}={fmt[k]}" for k in params if k in rw])
     if "window" in rw:

@@ -4,6 +4,10 @@ Owns: turning a window's detached per-sample losses into weights that sum to 1 (
 MidRanking, trimming, warm-up). Pure functions of a 1-D fp32 tensor. Must not: call
 torch.distributed, know about ranks, micro-batches or gradient accumulation (that is
 irdro.normalize), or see padding (callers pass only valid samples).
+
+Adding a scheme: one weight function here, `@register("name")`, whose keyword parameters are
+`reweight.*` fields, plus one `irdro.config.SCHEMES` entry naming those fields (and, optionally,
+the check that a window of a given size leaves it something to weight).
 """
 
 from __future__ import annotations
@@ -14,14 +18,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from irdro.config import ReweightConfig
+from irdro.config import SCHEMES, ReweightConfig
 
 SchemeFn = Callable[..., Tensor]
 _REGISTRY: dict[str, SchemeFn] = {}
 
 
 def register(name: str) -> Callable[[SchemeFn], SchemeFn]:
-    """Register a scheme `fn(losses, **params) -> weights` under `name`."""
+    """Register a scheme `fn(losses, **params) -> weights` under `name`, an `irdro.config.SCHEMES` key
+    whose `params` are `fn`'s keyword parameters."""
+    if name not in SCHEMES:
+        raise ValueError(
+            f"scheme {name!r} has no irdro.config.SCHEMES entry; add one naming its parameters"
+        )
 
     def deco(fn: SchemeFn) -> SchemeFn:
         _REGISTRY[name] = fn
@@ -140,12 +149,8 @@ def transform(
 
 def scheme_params(cfg: ReweightConfig, step: int) -> tuple[str, dict[str, float]]:
     """The scheme and its parameters in force at optimizer step `step` (0-based), warm-up applied."""
-    if step < cfg.warmup_steps or cfg.scheme == "erm":
+    if step < cfg.warmup_steps:
         return "erm", {}
-    if cfg.scheme == "irdro":
-        return "irdro", {"lam": cfg.lam, "trim_top": cfg.trim_top}
-    if cfg.scheme == "midrank":
-        return "midrank", {"frac": cfg.frac, "portion": cfg.portion}
-    if cfg.scheme == "transform":
-        return "transform", {"lam": cfg.lam, "transform": cfg.transform, "delta": cfg.delta}
-    raise ValueError(f"reweight.scheme {cfg.scheme!r} has no parameter mapping")
+    if cfg.scheme not in SCHEMES:
+        raise ValueError(f"reweight.scheme {cfg.scheme!r} has no parameter mapping")
+    return cfg.scheme, {name: getattr(cfg, name) for name in SCHEMES[cfg.scheme].params}

@@ -138,16 +138,17 @@ def _worker(spec_path: str) -> int:
     from irdro.checkpoint import gathered_state_dict
     from irdro.config import recipe_from_dict
     from irdro.engine import init_distributed, shutdown_distributed
-    from irdro.train import setup_logging, train
+    from irdro.train import Hooks, setup_logging, train
 
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])
     nan_at = {tuple(x) for x in spec["nan_at"]}
+    record = bool(spec.get("record"))
 
     out = {"records": [], "error": None, "modes": [], "losses": []}
 
-    def hook(step: int, micro: int, losses: torch.Tensor) -> torch.Tensor:
-        if spec.get("record"):
+    def losses_hook(step: int, micro: int, losses: torch.Tensor) -> torch.Tensor:
+        if record:
             out["losses"].append(
                 [step, micro, torch.is_grad_enabled(), losses.detach().cpu().tolist()]
             )
@@ -156,25 +157,19 @@ def _worker(spec_path: str) -> int:
             losses[0] = math.nan
         return losses
 
-    if spec.get("record"):  # the model's train flag as each optimizer step starts
-        import irdro.train
+    def record_mode(step: int, engine) -> None:
+        out["modes"].append(bool(engine.module.training))  # the train flag as each step starts
 
-        inner = irdro.train.train_step
-
-        def recording_step(engine, *args, **kwargs):
-            out["modes"].append(bool(engine.module.training))
-            return inner(engine, *args, **kwargs)
-
-        irdro.train.train_step = recording_step
+    hooks = Hooks(
+        losses=losses_hook if nan_at or record else None,
+        before_step=record_mode if record else None,
+    )
 
     setup_logging()
     init_distributed()
     code = 0
     try:
-        result = train(
-            recipe_from_dict(spec["recipe"]),
-            loss_hook=hook if nan_at or spec.get("record") else None,
-        )
+        result = train(recipe_from_dict(spec["recipe"]), hooks)
         out["records"] = result.records
         sd = gathered_state_dict(result.engine)
         if sd is not None:

@@ -59,11 +59,62 @@ log = logging.getLogger("irdro.train")
 LossHook = Callable[[int, int, Tensor], Tensor]
 
 
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (too many consecutive non-finite steps); `main` exits 3."""
+
+
 @dataclass
 class TrainResult:
     engine: object
     steps: int
     records: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What `train_step` measured on this rank; all but `local_tokens` and `windows.coeffs` are
+    identical on every rank.
+
+    Attributes:
+        loss: mean over the step's windows of the plain mean per-sample loss.
+        weighted_loss: mean over the windows of sum_i p_i l_i; NaN when a loss was non-finite.
+        ess: mean over the windows of 1 / sum_i p_i^2 as a fraction of the window; NaN likewise.
+        max_weight: the largest weight of any window; NaN likewise.
+        skipped: 1 when DeepSpeed did not apply the step (a non-finite loss on some rank), else 0.
+        local_tokens: supervised tokens this rank trained on (the loop all-reduces them).
+        windows: the step's windows: one per micro-batch (`window: micro`) or one (`step`).
+    """
+
+    loss: float
+    weighted_loss: float
+    ess: float
+    max_weight: float
+    skipped: int
+    local_tokens: int
+    windows: list[Window]
+
+    @classmethod
+    def of(cls, windows: list[Window], skipped: bool, local_tokens: int) -> StepStats:
+        """The statistics of a step's windows; the weight statistics are NaN unless all are finite."""
+        finite = all(w.finite for w in windows)
+
+        def if_finite(x: float) -> float:
+            return float(x) if finite else math.nan
+
+        return cls(
+            loss=float(np.mean([w.mean_loss for w in windows])),
+            weighted_loss=if_finite(np.mean([w.weighted_loss for w in windows])),
+            ess=if_finite(np.mean([w.ess for w in windows])),
+            max_weight=if_finite(max(w.max_weight for w in windows)),
+            skipped=int(skipped),
+            local_tokens=local_tokens,
+            windows=windows,
+        )
+
+    def metrics(self) -> dict[str, float | int]:
+        """The step's own metrics.jsonl fields."""
+        return {"loss": self.loss, "weighted_loss": self.weighted_loss, "ess": self.ess,
+                "max_weight": self.max_weight, "skipped": self.skipped}  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -100,7 +151,7 @@ def set_rng_state_of(device: torch.device, state: tuple[Tensor, Tensor | None]) 
 
 
 def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, step: int,
-               loss_hook: LossHook | None = None) -> dict:  # fmt: skip
+               loss_hook: LossHook | None = None) -> StepStats:  # fmt: skip
     """One optimizer step: weights per window, `DP (x GA) * sum p_i l_i` backward, engine.step()."""
     if not engine.module.training:  # dropout and gradient checkpointing depend on it
         raise RuntimeError("irdro bug: train_step called with the model in eval mode")
@@ -145,16 +196,7 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
         engine.backward(loss)
         engine.step()
         tokens += int(counts.sum())
-    finite = all(w.finite for w in windows)
-    return {
-        "loss": float(np.mean([w.mean_loss for w in windows])),
-        "weighted_loss": float(np.mean([w.weighted_loss for w in windows])) if finite else math.nan,
-        "ess": float(np.mean([w.ess for w in windows])) if finite else math.nan,
-        "max_weight": float(max(w.max_weight for w in windows)) if finite else math.nan,
-        "local_tokens": tokens,
-        "skipped": int(not engine.was_step_applied()),
-        "windows": windows,
-    }
+    return StepStats.of(windows, skipped=not engine.was_step_applied(), local_tokens=tokens)
 
 
 @torch.no_grad()
@@ -270,20 +312,30 @@ def setup(recipe: Recipe) -> Setup:
     write_run_files(recipe, ds_config, model, tokenizer)
     start = 0
     if point is not None:
-        state = load_checkpoint(engine, point, elastic)
-        saved = state["consumed_samples"] // max(1, state["step"]) if state["step"] else None
-        if saved is not None and saved != recipe.global_batch(dp):
-            raise ConfigError(
-                f"resume: {point.tag_dir} was trained with a global batch of {saved} samples per step; "
-                f"this launch has {recipe.global_batch(dp)} (micro_batch_size x grad_accum_steps x "
-                f"{dp} ranks): change grad_accum_steps so they match"
-            )
-        start = state["step"]
+        start = load_checkpoint(engine, point, elastic, recipe.global_batch(dp))["step"]
         truncate_metrics(recipe.output_dir, start)
         log.info(
             "resumed from %s at step %d%s", point.tag_dir, start, " (elastic)" if elastic else ""
         )
     return Setup(engine, train_data, eval_data, pad_id, start)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Callbacks into `train` for tests and benchmarks (observe or perturb a run, never configure it).
+
+    Attributes:
+        losses: `(step, micro, local per-sample losses) -> losses` weighted and back-propagated.
+        after_setup: `(setup)` once the model, engine and resume state are ready.
+        before_step: `(step, engine)` as each optimizer step starts.
+        after_step: `(step, stats, record)` once each optimizer step is logged; `record` is its
+            metrics.jsonl line (`record["step"] == step + 1`).
+    """
+
+    losses: LossHook | None = None
+    after_setup: Callable[[Setup], None] | None = None
+    before_step: Callable[[int, object], None] | None = None
+    after_step: Callable[[int, StepStats, dict], None] | None = None
 
 
 def warn_layout_change(recipe: Recipe, old_dp: int, new_dp: int) -> None:
@@ -297,14 +349,16 @@ def warn_layout_change(recipe: Recipe, old_dp: int, new_dp: int) -> None:
         )  # fmt: skip
 
 
-def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
+def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
     """Train `recipe` on the already-initialised process group; returns the engine for callers."""
-    dp = dist.dp_size()
-    validate(recipe, world_size=dp)
+    hooks = hooks or Hooks()
+    validate(recipe, world_size=dist.dp_size())
     seed_everything(recipe.seed)
     s = setup(recipe)
+    if hooks.after_setup is not None:
+        hooks.after_setup(s)
     engine = s.engine
-    batches = Batches(s.train_data, recipe, s.pad_id, dp_rank=dist.dp_rank(), dp_size=dp)
+    batches = Batches(s.train_data, recipe, s.pad_id, dp_rank=dist.dp_rank(), dp_size=dist.dp_size())
     logger = RankZeroLogger(recipe.output_dir, total_steps=recipe.max_steps, initial_step=s.start_step,
                             tensorboard=recipe.log.tensorboard, progress=recipe.log.progress,
                             wandb=recipe.log.wandb, config=recipe.to_dict())  # fmt: skip
@@ -315,40 +369,53 @@ def train(recipe: Recipe, loss_hook: LossHook | None = None) -> TrainResult:
 
     consecutive_skips = 0
     for step in range(s.start_step, recipe.max_steps):
+        if hooks.before_step is not None:
+            hooks.before_step(step, engine)
         t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
-        stats = train_step(engine, batches.step(step), recipe, step, loss_hook)
-        windows = stats.pop("windows")
-        local_tokens = torch.tensor(
-            [stats.pop("local_tokens")], dtype=torch.float64, device=engine.device
-        )
-        tokens = int(dist.all_reduce_sum(local_tokens).item())
-        grad_norm = engine.get_global_grad_norm()
+        stats = train_step(engine, batches.step(step), recipe, step, hooks.losses)
         done = step + 1
-        record = {"step": done, "lr": lr, **stats, "tokens": tokens,
-                  "tokens_per_s": tokens / (time.perf_counter() - t0),
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None}  # fmt: skip
+        record = step_record(engine, stats, done, lr, t0)
         if s.eval_data is not None and (done == recipe.max_steps or every(done, recipe.eval.every)):
             record.update(evaluate(engine, s.eval_data, recipe, s.pad_id))
         if every(done, recipe.log.every) or done == recipe.max_steps or "eval_loss" in record:
             logger.log(record)
-            logger.histogram("weights", torch.cat([w.weights for w in windows]), done)
+            logger.histogram("weights", torch.cat([w.weights for w in stats.windows]), done)
         if every(done, recipe.log.samples_every):
-            logger.samples(done, windows, describe=s.train_data.describe)
-        logger.progress(done, loss=stats["loss"], ess=stats["ess"], tok_s=record["tokens_per_s"])
+            logger.samples(done, stats.windows, describe=s.train_data.describe)
+        logger.progress(done, loss=stats.loss, ess=stats.ess, tok_s=record["tokens_per_s"])
         result.records.append(record)
         result.steps = done
-        consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
+        if hooks.after_step is not None:
+            hooks.after_step(step, stats, record)
+        consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
         if consecutive_skips >= recipe.max_consecutive_skips:
-            raise RuntimeError(f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
-                               f"(last at step {done}); lower optim.lr or check the data")  # fmt: skip
+            raise TrainingAborted(f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
+                                  f"(last at step {done}); lower optim.lr or check the data")  # fmt: skip
         if every(done, recipe.checkpoint.every) and done < recipe.max_steps:
-            save_checkpoint(engine, recipe.output_dir, done, client_state(recipe, done, dp),
-                            recipe.checkpoint.keep_last)  # fmt: skip
+            save_step(engine, recipe, done)
     if recipe.checkpoint.at_end and result.steps > s.start_step:
-        save_checkpoint(engine, recipe.output_dir, result.steps, client_state(recipe, result.steps, dp),
-                        recipe.checkpoint.keep_last)  # fmt: skip
+        save_step(engine, recipe, result.steps)
     logger.close()
     return result
+
+
+def step_record(engine, stats: StepStats, step: int, lr: float, t0: float) -> dict:
+    """The metrics.jsonl line of optimizer step `step` (1-based) begun at `time.perf_counter()` t0:
+    the step's stats, the token count over every rank, throughput and grad norm. Call on every rank."""
+    local_tokens = torch.tensor([stats.local_tokens], dtype=torch.float64, device=engine.device)
+    tokens = int(dist.all_reduce_sum(local_tokens).item())
+    grad_norm = engine.get_global_grad_norm()
+    return {"step": step, "lr": lr, **stats.metrics(), "tokens": tokens,
+            "tokens_per_s": tokens / (time.perf_counter() - t0),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None}  # fmt: skip
+
+
+def save_step(engine, recipe: Recipe, step: int) -> None:
+    """Checkpoint the engine after `step` optimizer steps, with the resume state. Call on every rank."""
+    dp = dist.dp_size()
+    save_checkpoint(
+        engine, recipe.output_dir, step, client_state(recipe, step, dp), recipe.checkpoint.keep_last
+    )
 
 
 def every(step: int, interval: int) -> bool:
@@ -407,24 +474,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
+    """The command line; `hooks` lets benchmarks observe the run (see `Hooks`). Returns the exit code:
+    0, 2 for a recipe or data error, 3 when training aborted."""
     args = parse_args(argv)
     setup_logging()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         check_local_paths(recipe)  # before the process group and the model: fail in seconds
         init_distributed()
-        train(recipe)
+        train(recipe, hooks)
         shutdown_distributed()
     except (ConfigError, DataError) as e:
         if os.environ.get("RANK", "0") == "0":
             log.error("error: %s: %s", args.recipe, e)
         return 2
-    except RuntimeError as e:
-        if str(e).startswith("aborting:"):
-            log.error("error: %s", e)
-            return 3
-        raise
+    except TrainingAborted as e:
+        log.error("error: %s", e)
+        return 3
     return 0
 
 

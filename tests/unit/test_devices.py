@@ -161,7 +161,7 @@ def test_train_step_makes_no_tensor_on_the_default_device(window) -> None:
     batches = [_batch([0, 1]), _batch([2, 3])]
     with meta_default_device():
         stats = train_step(engine, batches, _recipe(window), step=0)
-    assert math.isfinite(stats["weighted_loss"]) and stats["local_tokens"] == 2 * 2 * 5
+    assert math.isfinite(stats.weighted_loss) and stats.local_tokens == 2 * 2 * 5
 
 
 def test_evaluate_makes_no_tensor_on_the_default_device() -> None:

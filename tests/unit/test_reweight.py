@@ -1,5 +1,6 @@
 """The weight math: IR-DRO is the maximiser of its objective, bands and trims are exact."""
 
+import inspect
 import math
 
 import pytest
@@ -21,6 +22,18 @@ def objective(p: torch.Tensor, losses: torch.Tensor, lam: float) -> float:
 
 def test_registry_matches_config_choices():
     assert set(reweight.schemes()) == set(config.SCHEMES)
+
+
+def test_each_scheme_is_one_function_and_one_table_entry():
+    """The table's params are exactly the weight function's keyword parameters and ReweightConfig
+    fields, so scheme_params and observe need nothing per scheme."""
+    for name, entry in config.SCHEMES.items():
+        fn = reweight._REGISTRY[name]
+        assert tuple(inspect.signature(fn).parameters)[1:] == entry.params, name
+        cfg = ReweightConfig(scheme=name)
+        assert reweight.scheme_params(cfg, 0) == (name, {k: getattr(cfg, k) for k in entry.params})
+    with pytest.raises(ValueError, match="no irdro.config.SCHEMES entry"):
+        reweight.register("not_in_the_table")
 
 
 @pytest.mark.parametrize("lam", [0.05, 0.3, 1.0, 4.0])
