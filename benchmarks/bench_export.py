@@ -65,8 +65,8 @@ HOW_TO_READ = [
     "`--max-shard-size` is (the 49152 x 576 embedding is the largest). `--verify` (same process, after the export)",
     "adds the reloaded model (anonymous for bf16; for fp32, transformers keeps it memory-mapped",
     "from the exported safetensors: file pages), a randomly initialised reference model filled in place from the",
-    "checkpoint mapping (no second copy of the weights). Wall times come from a shared 2-core machine (the 1-minute load average before each",
-    "run is in the JSON) and are indicative only.",
+    "checkpoint mapping (no second copy of the weights). Wall times come from a shared 2-core machine",
+    "(the 1-minute load average before each run is in the JSON) and are indicative only.",
 ]
 
 
@@ -87,9 +87,7 @@ def _status_kb(pid: int) -> dict[str, int]:
 def measure(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0.02) -> dict:
     """Run `cmd`; wall seconds, exit code, peak RSS (ru_maxrss) and the polled RSS split."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     samples: list[tuple[float, dict[str, int]]] = []
     done = threading.Event()
 
@@ -112,8 +110,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0
     # ~100 points of the RSS curve (MiB) for the record
     step = max(1, len(samples) // 100)
     curve = [
-        [round(t, 2), round(s.get("RssAnon", 0) / 1024), round(s.get("RssFile", 0) / 1024)]
-        for t, s in samples[::step]
+        [round(t, 2), round(s.get("RssAnon", 0) / 1024), round(s.get("RssFile", 0) / 1024)] for t, s in samples[::step]
     ]
     return {
         "cmd": " ".join(cmd),
@@ -228,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/bench_export_smollm2", help="run dir (reused)")
     p.add_argument("--recipe", default=RECIPE, help="recipe trained for one step")
     p.add_argument("--repeats", type=int, default=2, help="runs per case (median wall time)")
-    p.add_argument(
-        "--retrain", action="store_true", help="make a new checkpoint even if one exists"
-    )
+    p.add_argument("--retrain", action="store_true", help="make a new checkpoint even if one exists")
     p.add_argument("--results", default="benchmarks/results", help="where the JSON/MD go")
     args = p.parse_args(argv)
 
@@ -252,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "training_1_step": training,
         "model": {"num_params": num_params, "fp32_bytes": num_params * 4},
         "checkpoint": {
-            "run_dir": str(run_dir.relative_to(ROOT))
-            if run_dir.is_relative_to(ROOT)
-            else str(run_dir),
+            "run_dir": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir),
             "files": checkpoint_files(run_dir),
         },
     }

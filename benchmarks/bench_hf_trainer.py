@@ -60,9 +60,7 @@ def assets(model: str) -> tuple[Path, Path, Path]:
             from transformers import AutoConfig, AutoModelForCausalLM
 
             torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA)).save_pretrained(
-                path
-            )
+            AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA)).save_pretrained(path)
         return path, tok, sonnet_shards(tok, "sonnets-gpt2-128", 128)
     path = smollm2()
     return path, path, sonnet_shards(path, "sonnets-smollm2-256", 256)
@@ -131,21 +129,40 @@ def hf_worker(args) -> int:
 
     deepspeed.init_distributed(dist_backend="gloo")
     ds = ds_engine_settings()
-    ds.update(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
-              train_batch_size="auto", gradient_clipping="auto")  # fmt: skip
+    ds.update(
+        train_micro_batch_size_per_gpu="auto",
+        gradient_accumulation_steps="auto",
+        train_batch_size="auto",
+        gradient_clipping="auto",
+    )
     targs = TrainingArguments(
-        output_dir=args.out_dir, per_device_train_batch_size=args.micro, gradient_accumulation_steps=1,
-        max_steps=args.steps, learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
-        adam_epsilon=EPS, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
-        max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
-        dataloader_num_workers=0, remove_unused_columns=False, seed=0, disable_tqdm=True,
-        deepspeed=ds, ddp_backend="gloo", use_cpu=True,
-    )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32,
-                                                 attn_implementation="sdpa")  # fmt: skip
+        output_dir=args.out_dir,
+        per_device_train_batch_size=args.micro,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=LR,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        adam_epsilon=EPS,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+        disable_tqdm=True,
+        deepspeed=ds,
+        ddp_backend="gloo",
+        use_cpu=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
-    trainer = Sequential(model=model, args=targs, train_dataset=Samples(), data_collator=collator,
-                         callbacks=[Timer()])  # fmt: skip
+    trainer = Sequential(model=model, args=targs, train_dataset=Samples(), data_collator=collator, callbacks=[Timer()])
     trainer.train()
     hwm = status_kb("VmHWM")
     Path(args.result.replace("{rank}", str(rank))).write_text(
@@ -172,13 +189,10 @@ def hf_worker(args) -> int:
 
 
 def run_launcher(cmd_tail: list[str], log: Path, timeout: float) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}  # fmt: skip
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
-           *cmd_tail]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank", *cmd_tail]
     with log.open("w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                            cwd=ROOT).returncode  # fmt: skip
+        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT).returncode
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}:\n{log.read_text()[-5000:]}")
 
@@ -187,20 +201,32 @@ def ours(args, model_dir: Path, tok: Path, data: Path, tmp: Path) -> dict:
     out_dir = BENCH / "runs" / f"peer_ours_{args.model}"
     shutil.rmtree(out_dir, ignore_errors=True)
     recipe = {
-        "output_dir": str(out_dir), "seed": 0, "max_steps": args.steps,
-        "micro_batch_size": args.micro, "grad_accum_steps": 1, "ds_config": "ds_configs/zero3_fp32.json",
+        "output_dir": str(out_dir),
+        "seed": 0,
+        "max_steps": args.steps,
+        "micro_batch_size": args.micro,
+        "grad_accum_steps": 1,
+        "ds_config": "ds_configs/zero3_fp32.json",
         "model": {"path": str(model_dir), "tokenizer": str(tok), "dtype": "fp32", "attention": "sdpa"},
         "data": {"train": str(data), "shuffle": False, "pad_to_multiple_of": 8},
         "reweight": {"scheme": "erm"},
-        "optim": {"name": "adamw", "lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": 0.0,
-                  "grad_clip": 1.0, "scheduler": "constant", "warmup_steps": 0},
-        "checkpoint": {"at_end": False}, "log": {"tensorboard": False, "progress": False},
-    }  # fmt: skip
+        "optim": {
+            "name": "adamw",
+            "lr": LR,
+            "betas": list(BETAS),
+            "eps": EPS,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "scheduler": "constant",
+            "warmup_steps": 0,
+        },
+        "checkpoint": {"at_end": False},
+        "log": {"tensorboard": False, "progress": False},
+    }
     path = tmp / "ours.yaml"
     path.write_text(yaml.safe_dump(recipe))
     res = str(tmp / "ours.{rank}.json")
-    run_launcher([str(ROOT / "benchmarks" / "rank_entry.py"), res, str(path)], tmp / "ours.log",
-                 args.timeout)  # fmt: skip
+    run_launcher([str(ROOT / "benchmarks" / "rank_entry.py"), res, str(path)], tmp / "ours.log", args.timeout)
     ranks = [json.loads((tmp / f"ours.{r}.json").read_text()) for r in range(2)]
     recs = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "tokens_per_s" in r]
@@ -209,9 +235,7 @@ def ours(args, model_dir: Path, tok: Path, data: Path, tmp: Path) -> dict:
         "step_s": [r["tokens"] / r["tokens_per_s"] for r in recs],
         # step k's loop interval: from record k-1 to record k (records are steps 1..N)
         "interval_s": [
-            b[1] - a[1]
-            for a, b in zip(ranks[0]["log_times"], ranks[0]["log_times"][1:], strict=False)
-            if a[0] >= 1
+            b[1] - a[1] for a, b in zip(ranks[0]["log_times"], ranks[0]["log_times"][1:], strict=False) if a[0] >= 1
         ],
         "tokens": [r["tokens"] for r in recs],
         "losses": [{"step": r["step"], "loss": r["loss"]} for r in recs],
@@ -225,10 +249,28 @@ def hf(args, model_dir: Path, tok: Path, data: Path, tmp: Path) -> dict:
     t = AutoTokenizer.from_pretrained(tok)
     pad_id = t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
     res = str(tmp / "hf.{rank}.json")
-    run_launcher([__file__, "--worker", "--model-dir", str(model_dir), "--data", str(data),
-                  "--pad-id", str(pad_id), "--micro", str(args.micro), "--steps", str(args.steps),
-                  "--out-dir", str(tmp / "hf_out"), "--result", res], tmp / "hf.log",
-                 args.timeout)  # fmt: skip
+    run_launcher(
+        [
+            __file__,
+            "--worker",
+            "--model-dir",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--pad-id",
+            str(pad_id),
+            "--micro",
+            str(args.micro),
+            "--steps",
+            str(args.steps),
+            "--out-dir",
+            str(tmp / "hf_out"),
+            "--result",
+            res,
+        ],
+        tmp / "hf.log",
+        args.timeout,
+    )
     ranks = [json.loads((tmp / f"hf.{r}.json").read_text()) for r in range(2)]
     return {
         "side": "hf_trainer",
@@ -236,9 +278,7 @@ def hf(args, model_dir: Path, tok: Path, data: Path, tmp: Path) -> dict:
         "interval_s": ranks[0]["interval_s"],
         "losses": ranks[0]["losses"],
         "peak_rss_total_mb": [r["peak_rss_total_kb"] / 1024 for r in ranks],
-        "engine": {
-            k: ranks[0].get(k) for k in ("deepspeed_enabled", "wrapped", "distributed_type")
-        },
+        "engine": {k: ranks[0].get(k) for k in ("deepspeed_enabled", "wrapped", "distributed_type")},
     }
 
 
@@ -253,8 +293,7 @@ def reference_losses(args, model_dir: Path, data: Path, pad_id: int) -> dict:
     from irdro.model import per_sample_nll
     from irdro.shards import ShardDataset
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     shards = ShardDataset(data)
     per_rank, all_losses, all_counts = [], [], []
     with torch.no_grad():
@@ -313,11 +352,16 @@ def main() -> int:
             # intervals start at step 2 (between steps 1 and 2), so drop warmup - 1 of them
             row["interval_s_median"] = median(row["interval_s"][max(0, warmup - 1) :])
             launches.append(row)
-            say(f"rep {rep} {row['side']}: median step {row['step_s_median']:.3f}s, first losses "
-                f"{[round(x['loss'], 4) for x in row['losses'][:3]]}")  # fmt: skip
+            say(
+                f"rep {rep} {row['side']}: median step {row['step_s_median']:.3f}s, first losses "
+                f"{[round(x['loss'], 4) for x in row['losses'][:3]]}"
+            )
     md, table = summarise(args, launches, ref, warmup)
-    write_results(f"bench_hf_trainer_{args.model}", {"config": {**vars(args), "warmup": warmup},
-                  "reference_step1": ref, "table": table, "launches": launches}, md)  # fmt: skip
+    write_results(
+        f"bench_hf_trainer_{args.model}",
+        {"config": {**vars(args), "warmup": warmup}, "reference_step1": ref, "table": table, "launches": launches},
+        md,
+    )
     print(md)
     return 0
 
@@ -357,8 +401,7 @@ def summarise(args, launches: list[dict], ref: dict, warmup: int) -> tuple[str, 
         "timed region (train_step + token all-reduce; tokens / tokens_per_s) vs the Trainer's "
         "on_step_begin -> on_step_end (excludes its batch fetch).",
         "",
-        "| side | loop interval (s) | tokens/s by loop interval | inner step (s) | "
-        "peak RSS per rank, whole run (MB) |",
+        "| side | loop interval (s) | tokens/s by loop interval | inner step (s) | peak RSS per rank, whole run (MB) |",
         "|---|---|---|---|---|",
         f"| irdro ERM | {t['irdro_interval_s_median']:.3f} | "
         f"{tokens / t['irdro_interval_s_median']:.0f} | {t['irdro_step_s_median']:.3f} | "

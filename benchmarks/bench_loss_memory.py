@@ -54,8 +54,7 @@ def flat_per_sample_nll(logits, labels):
     bsz, t = labels.shape
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     counts = (targets != -100).sum(dim=1)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                          reduction="none")  # fmt: skip
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
     return nll.view(bsz, t).sum(dim=1) / counts.clamp(min=1).to(torch.float32), counts
 
 
@@ -68,23 +67,20 @@ def load(model_name: str, dtype: str):
     torch_dtype = DTYPES[dtype]
     if model_name == "smollm2":
         path = smollm2()
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation="sdpa"
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
         tok = AutoTokenizer.from_pretrained(path)
     elif model_name == "smollm2-2l":  # SmolLM2's config with 2 layers: the loss path dominates
         path = smollm2()
         config = AutoConfig.from_pretrained(path)
         config.num_hidden_layers = 2
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype, attn_implementation="sdpa"
-        )
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
         tok = AutoTokenizer.from_pretrained(path)
     else:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA), dtype=torch_dtype,
-                                                 attn_implementation="sdpa")  # fmt: skip
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(**TINY_LLAMA), dtype=torch_dtype, attn_implementation="sdpa"
+        )
         from common import gpt2_tokenizer
 
         tok = AutoTokenizer.from_pretrained(gpt2_tokenizer())
@@ -140,8 +136,17 @@ def worker(args) -> int:
     Path("/proc/self/clear_refs").write_text("5")
     loss = step(model, args.variant, input_ids, attention, labels)
     peak = status_kb("VmHWM")
-    print(json.dumps({"variant": args.variant, "loss": float(loss), "baseline_mb": base / 1024,
-                      "peak_mb": peak / 1024, "above_baseline_mb": (peak - base) / 1024}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "loss": float(loss),
+                "baseline_mb": base / 1024,
+                "peak_mb": peak / 1024,
+                "above_baseline_mb": (peak - base) / 1024,
+            }
+        )
+    )
     return 0
 
 
@@ -162,7 +167,7 @@ def check(args) -> dict:
         v: {
             "loss_abs_diff": abs(loss - ref_loss),
             "grad_max_abs_diff": float((g - ref_grad).abs().max()),
-        }  # fmt: skip
+        }
         for v, (loss, g) in out.items()
         if v != "hf_loss"
     }
@@ -198,8 +203,11 @@ def time_loss_paths(args) -> int:
 
         return run
 
-    fns = {"hf_loss": hf, "irdro_per_sample": per_sample(per_sample_nll),
-           "flat_padded": per_sample(flat_per_sample_nll)}  # fmt: skip
+    fns = {
+        "hf_loss": hf,
+        "irdro_per_sample": per_sample(per_sample_nll),
+        "flat_padded": per_sample(flat_per_sample_nll),
+    }
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for rep in range(args.reps):
@@ -219,8 +227,9 @@ def time_loss_paths(args) -> int:
     ]
     lines += [f"| {k} | {v:.3f} | {v / med['hf_loss']:.2f} |" for k, v in med.items()]
     md = "\n".join(lines) + "\n"
-    write_results(f"bench_loss_time_b{args.bsz}_t{args.seq}", {"config": vars(args),
-                  "times": times, "median_s": med}, md)  # fmt: skip
+    write_results(
+        f"bench_loss_time_b{args.bsz}_t{args.seq}", {"config": vars(args), "times": times, "median_s": med}, md
+    )
     print(md)
     return 0
 
@@ -244,30 +253,48 @@ def main() -> int:
     runs = []
     for rep in range(args.reps):
         for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
-            cmd = [PY, __file__, "--model", args.model, "--dtype", args.dtype, "--bsz",
-                   str(args.bsz), "--seq", str(args.seq), "--variant", variant]  # fmt: skip
-            res = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "2",
-                                 "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **MALLOC_EXACT})  # fmt: skip
+            cmd = [
+                PY,
+                __file__,
+                "--model",
+                args.model,
+                "--dtype",
+                args.dtype,
+                "--bsz",
+                str(args.bsz),
+                "--seq",
+                str(args.seq),
+                "--variant",
+                variant,
+            ]
+            res = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **MALLOC_EXACT},
+            )
             if res.returncode != 0:
                 raise RuntimeError(res.stderr[-3000:])
             row = json.loads(res.stdout.strip().splitlines()[-1])
             row["rep"] = rep
             runs.append(row)
-            say(f"rep {rep} {variant}: peak {row['peak_mb']:.0f} MB, above baseline "
-                f"{row['above_baseline_mb']:.0f} MB")  # fmt: skip
+            say(f"rep {rep} {variant}: peak {row['peak_mb']:.0f} MB, above baseline {row['above_baseline_mb']:.0f} MB")
     table = []
     for v in VARIANTS:
         rows = [r for r in runs if r["variant"] == v]
         hf = {r["rep"]: r for r in runs if r["variant"] == "hf_loss"}
-        table.append({
-            "variant": v,
-            "peak_mb_median": median([r["peak_mb"] for r in rows]),
-            "above_baseline_mb_median": median([r["above_baseline_mb"] for r in rows]),
-            "peak_ratio_vs_hf": median([r["peak_mb"] / hf[r["rep"]]["peak_mb"] for r in rows]),
-            "above_baseline_ratio_vs_hf": median(
-                [r["above_baseline_mb"] / hf[r["rep"]]["above_baseline_mb"] for r in rows]),
-            "loss": rows[0]["loss"],
-        })  # fmt: skip
+        table.append(
+            {
+                "variant": v,
+                "peak_mb_median": median([r["peak_mb"] for r in rows]),
+                "above_baseline_mb_median": median([r["above_baseline_mb"] for r in rows]),
+                "peak_ratio_vs_hf": median([r["peak_mb"] / hf[r["rep"]]["peak_mb"] for r in rows]),
+                "above_baseline_ratio_vs_hf": median(
+                    [r["above_baseline_mb"] / hf[r["rep"]]["above_baseline_mb"] for r in rows]
+                ),
+                "loss": rows[0]["loss"],
+            }
+        )
     vocab = 49152 if args.model.startswith("smollm2") else TINY_LLAMA["vocab_size"]
     fp32_logits_mb = args.bsz * args.seq * vocab * 4 / 2**20
     lines = [
@@ -279,20 +306,29 @@ def main() -> int:
         "maps every block over 64 KiB on its own and trims freed memory (MALLOC_EXACT), so RSS "
         "follows live memory.",
         "",
-        "| variant | peak RSS (MB) | peak / hf_loss | above baseline (MB) | above baseline / "
-        "hf_loss |",
+        "| variant | peak RSS (MB) | peak / hf_loss | above baseline (MB) | above baseline / hf_loss |",
         "|---|---|---|---|---|",
     ]
     for t in table:
-        lines.append(f"| {t['variant']} | {t['peak_mb_median']:.0f} | {t['peak_ratio_vs_hf']:.3f} | "
-                     f"{t['above_baseline_mb_median']:.0f} | "
-                     f"{t['above_baseline_ratio_vs_hf']:.3f} |")  # fmt: skip
-    lines += ["", "Agreement with hf_loss on a 2 x 64 batch (fp32): " + ", ".join(
-        f"{v}: |dloss| {a['loss_abs_diff']:.2e}, max |dgrad| {a['grad_max_abs_diff']:.2e}"
-        for v, a in agreement.items())]  # fmt: skip
+        lines.append(
+            f"| {t['variant']} | {t['peak_mb_median']:.0f} | {t['peak_ratio_vs_hf']:.3f} | "
+            f"{t['above_baseline_mb_median']:.0f} | "
+            f"{t['above_baseline_ratio_vs_hf']:.3f} |"
+        )
+    lines += [
+        "",
+        "Agreement with hf_loss on a 2 x 64 batch (fp32): "
+        + ", ".join(
+            f"{v}: |dloss| {a['loss_abs_diff']:.2e}, max |dgrad| {a['grad_max_abs_diff']:.2e}"
+            for v, a in agreement.items()
+        ),
+    ]
     md = "\n".join(lines) + "\n"
-    write_results(f"bench_loss_memory_{args.model}_{args.dtype}",
-                  {"config": vars(args), "agreement": agreement, "table": table, "runs": runs}, md)  # fmt: skip
+    write_results(
+        f"bench_loss_memory_{args.model}_{args.dtype}",
+        {"config": vars(args), "agreement": agreement, "table": table, "runs": runs},
+        md,
+    )
     print(md)
     return 0
 

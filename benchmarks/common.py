@@ -30,10 +30,18 @@ PY = sys.executable
 
 # The tiny model of recipes/tiny/cpu_smoke.yaml (random init, GPT-2 tokenizer).
 TINY_LLAMA = dict(
-    model_type="llama", vocab_size=50257, hidden_size=64, intermediate_size=128,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256,
-)  # fmt: skip
+    model_type="llama",
+    vocab_size=50257,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
 
 
 def say(msg: str) -> None:
@@ -43,8 +51,9 @@ def say(msg: str) -> None:
 def gpt2_tokenizer() -> Path:
     out = CACHE / "assets" / "gpt2-tokenizer"
     if not (out / "tokenizer.json").exists():
-        subprocess.run([PY, str(ROOT / "tools" / "fetch_assets.py"), "gpt2-tokenizer",
-                        "--output", str(out)], check=True)  # fmt: skip
+        subprocess.run(
+            [PY, str(ROOT / "tools" / "fetch_assets.py"), "gpt2-tokenizer", "--output", str(out)], check=True
+        )
     return out
 
 
@@ -61,8 +70,16 @@ def sonnet_shards(tokenizer: Path, name: str, seq_len: int) -> Path:
 
     out = BENCH / "data" / name
     if not (out / "manifest.json").exists():
-        prepare([str(SONNETS)], str(tokenizer), str(out), seq_len=seq_len,
-                     eval_fraction=0.0, seed=0, overwrite=True, progress=False)  # fmt: skip
+        prepare(
+            [str(SONNETS)],
+            str(tokenizer),
+            str(out),
+            seq_len=seq_len,
+            eval_fraction=0.0,
+            seed=0,
+            overwrite=True,
+            progress=False,
+        )
     return out
 
 
@@ -71,9 +88,7 @@ def status_kb(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
-def run_local_ranks(
-    args: list[str], world_size: int, tmp: Path, timeout: float = 1800
-) -> list[dict]:
+def run_local_ranks(args: list[str], world_size: int, tmp: Path, timeout: float = 1800) -> list[dict]:
     """`irdro.testing.spawn_ranks` with the benchmarks' environment; each rank must write
     tmp/r{rank}.json, which is returned per rank."""
     from irdro.testing import spawn_ranks
@@ -99,8 +114,7 @@ def launch(recipe: dict, world_size: int, timeout: float = 1800) -> dict:
         path = Path(tmp) / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
         entry = str(ROOT / "benchmarks" / "rank_entry.py")
-        ranks = run_local_ranks([entry, f"{tmp}/r{{rank}}.json", str(path)], world_size, Path(tmp),
-                                timeout)  # fmt: skip
+        ranks = run_local_ranks([entry, f"{tmp}/r{{rank}}.json", str(path)], world_size, Path(tmp), timeout)
     metrics = Path(recipe["output_dir"]) / "metrics.jsonl"
     return {"ranks": ranks, "metrics": [json.loads(x) for x in metrics.read_text().splitlines()]}
 
@@ -133,7 +147,9 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
     env = environment()
     (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, **payload}, indent=2))
     title, _, rest = markdown.partition("\n")
-    line = (f"Measured {env['date_utc']} UTC on {env['cpus']} CPUs, load average "
-            f"{env['load_average']} at the end (a shared machine); torch {env['torch']}, "
-            f"deepspeed {env['deepspeed']}, transformers {env['transformers']}.")  # fmt: skip
+    line = (
+        f"Measured {env['date_utc']} UTC on {env['cpus']} CPUs, load average "
+        f"{env['load_average']} at the end (a shared machine); torch {env['torch']}, "
+        f"deepspeed {env['deepspeed']}, transformers {env['transformers']}."
+    )
     (RESULTS / f"{name}.md").write_text(f"{title}\n\n{line}\n{rest}")

@@ -308,8 +308,13 @@ class Check:
         output.mkdir(parents=True, exist_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         self.log_file = open(output / "gpu_check.log", "w", encoding="utf-8")
-        self.result: dict = {"mode": plan.name, "ok": False, "budget_s": budget_s, "work_dir": str(work),
-                             "sections": {}}  # fmt: skip
+        self.result: dict = {
+            "mode": plan.name,
+            "ok": False,
+            "budget_s": budget_s,
+            "work_dir": str(work),
+            "sections": {},
+        }
         self.env = self._child_env()
         # What the training sections use; the optimizer section may fall back to SGD.
         self.train_optim, self.train_optim_note = "adamw", None
@@ -324,8 +329,7 @@ class Check:
         self.result["seconds"] = round(time.monotonic() - self.started, 1)
         sections = self.result["sections"].values()
         self.result["ok"] = bool(sections) and all(
-            s["status"] == "pass" or (s["status"] == "skipped" and s.get("allowed_skip"))
-            for s in sections
+            s["status"] == "pass" or (s["status"] == "skipped" and s.get("allowed_skip")) for s in sections
         )
         path = self.output / "gpu_check.json"
         from irdro.fsio import atomic_write_text
@@ -355,8 +359,7 @@ class Check:
     def _child_env(self) -> dict:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-        env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                   TRANSFORMERS_OFFLINE="1")  # fmt: skip
+        env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))  # DeepSpeed's JIT op builds
         if not self.cpu:  # a known place, so that a killed JIT build's lock can be removed
             env.setdefault("TORCH_EXTENSIONS_DIR", str(self.work / "torch_extensions"))
@@ -373,8 +376,15 @@ class Check:
         self.say(f"$ {' '.join(cmd)}  (timeout {limit:.0f}s)")
         t0 = time.monotonic()
         with open(out_path, "wb") as out:
-            p = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            p = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             rc: int | None = None
             try:
                 rc = p.wait(timeout=limit)
@@ -457,8 +467,11 @@ class GpuMemoryPeak:
 
 def environment(cpu: bool) -> dict:
     """Versions, device and commit; each item on its own, so that one failure loses one item."""
-    env: dict = {"python": platform.python_version(), "host_cpus": os.cpu_count(),
-                 "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}  # fmt: skip
+    env: dict = {
+        "python": platform.python_version(),
+        "host_cpus": os.cpu_count(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
 
     def item(key: str, fn: Callable[[], object]) -> None:
         try:
@@ -466,14 +479,23 @@ def environment(cpu: bool) -> dict:
         except Exception as e:
             env[key] = f"unavailable ({one_line(e)})"
 
-    for module in ("torch", "transformers", "deepspeed", "accelerate", "safetensors", "tokenizers",
-                   "pydantic", "numpy"):  # fmt: skip
+    for module in (
+        "torch",
+        "transformers",
+        "deepspeed",
+        "accelerate",
+        "safetensors",
+        "tokenizers",
+        "pydantic",
+        "numpy",
+    ):
         item(module, lambda m=module: str(importlib.import_module(m).__version__))
     item("deepspeed_path", lambda: str(Path(importlib.import_module("deepspeed").__file__).parent))
     env["flash_attn"] = (
-        "installed" if importlib.util.find_spec("flash_attn") else
-        "not installed: the flash_attention_2 branch (packed varlen rows) is untested on GPU"
-    )  # fmt: skip
+        "installed"
+        if importlib.util.find_spec("flash_attn")
+        else "not installed: the flash_attention_2 branch (packed varlen rows) is untested on GPU"
+    )
     if not cpu:
         import torch
 
@@ -488,9 +510,15 @@ def environment(cpu: bool) -> dict:
             lambda: round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
         )
         item("peak_bf16_flops", lambda: peak_flops(torch.cuda.get_device_name(0)))
-        item("driver", lambda: subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20).stdout.strip())  # fmt: skip
+        item(
+            "driver",
+            lambda: subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip(),
+        )
 
     def cuda_home() -> str | None:
         from torch.utils import cpp_extension
@@ -546,16 +574,13 @@ def gpu_tests(c: Check, res: dict) -> None:
         if counts["skipped"] != len(cases) or proc.rc != 0:
             res["output_tail"] = proc.tail()
             raise SectionFailed(f"without CUDA every gpu test must be skipped: {counts}")
-        res.update(status="skipped", allowed_skip=True,
-                   message=f"no CUDA: {len(cases)} gpu tests collected and skipped")  # fmt: skip
+        res.update(
+            status="skipped", allowed_skip=True, message=f"no CUDA: {len(cases)} gpu tests collected and skipped"
+        )
         return
     if proc.rc != 0 or counts["passed"] != len(cases):
         res["output_tail"] = proc.tail()
-        bad = [
-            f"{x['name']}: {x['outcome']} {x['message'][:200]}"
-            for x in cases
-            if x["outcome"] != "passed"
-        ]
+        bad = [f"{x['name']}: {x['outcome']} {x['message'][:200]}" for x in cases if x["outcome"] != "passed"]
         raise SectionFailed(f"{counts}; " + " | ".join(bad)[:2000])
     res["message"] = f"{counts['passed']} passed"
 
@@ -569,33 +594,53 @@ def junit_cases(path: Path) -> list[dict]:
             if node is not None:
                 outcome, message = name, (node.get("message") or node.text or "").strip()
                 break
-        cases.append({"name": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
-                      "seconds": float(case.get("time") or 0), "message": message[:1000]})  # fmt: skip
+        cases.append(
+            {
+                "name": f"{case.get('classname')}::{case.get('name')}",
+                "outcome": outcome,
+                "seconds": float(case.get("time") or 0),
+                "message": message[:1000],
+            }
+        )
     return cases
 
 
 def optimizer(c: Check, res: dict) -> None:
     out = c.work / "optimizer.json"
-    cmd = [PY, str(Path(__file__).resolve()), "--worker-optim", str(out), "--optim-shape",
-           str(c.plan.optim_tensors), str(c.plan.optim_numel), *(["--cpu"] if c.cpu else [])]  # fmt: skip
+    cmd = [
+        PY,
+        str(Path(__file__).resolve()),
+        "--worker-optim",
+        str(out),
+        "--optim-shape",
+        str(c.plan.optim_tensors),
+        str(c.plan.optim_numel),
+        *(["--cpu"] if c.cpu else []),
+    ]
     proc = c.run("optimizer", cmd, c.plan.timeouts["optimizer"])
     res["command"] = proc.summary()
     res.update(json.loads(out.read_text()) if out.exists() else {})
     probe = res.get("irdro_optimizer", {})
     if not probe.get("ok"):
         c.train_optim = "sgd"
-        c.train_optim_note = (f"irdro.engine.build_optimizer failed on this device "
-                              f"({probe.get('error', 'no result')}): the training sections use SGD")  # fmt: skip
+        c.train_optim_note = (
+            f"irdro.engine.build_optimizer failed on this device "
+            f"({probe.get('error', 'no result')}): the training sections use SGD"
+        )
         c.say(c.train_optim_note)
     fused = res.get("torch_adamw_fused", {})
     if not proc.ok or not probe.get("ok") or not fused.get("ok"):
         res["output_tail"] = proc.tail()
-        raise SectionFailed(f"optimizer worker {proc.why}; irdro optimizer "
-                            f"{probe.get('error', 'ok')}; torch fused AdamW {fused.get('error', 'ok')}")  # fmt: skip
+        raise SectionFailed(
+            f"optimizer worker {proc.why}; irdro optimizer "
+            f"{probe.get('error', 'ok')}; torch fused AdamW {fused.get('error', 'ok')}"
+        )
     ds = res.get("deepspeed_fused_adam", {})
     ds_text = f"{ds['step_ms']:.1f} ms/step" if ds.get("ok") else ds.get("error", "n/a")
-    res["message"] = (f"irdro uses {probe['class']} ({probe['seconds']:.0f}s to build); torch "
-                      f"fused AdamW {fused['step_ms']:.1f} ms/step; DeepSpeed FusedAdam {ds_text}")  # fmt: skip
+    res["message"] = (
+        f"irdro uses {probe['class']} ({probe['seconds']:.0f}s to build); torch "
+        f"fused AdamW {fused['step_ms']:.1f} ms/step; DeepSpeed FusedAdam {ds_text}"
+    )
 
 
 def optim_worker(out: Path, cpu: bool, num_tensors: int, numel: int) -> int:
@@ -618,8 +663,11 @@ def optim_worker(out: Path, cpu: bool, num_tensors: int, numel: int) -> int:
         p.grad = torch.ones_like(p)
         opt = build_optimizer([p], OptimConfig(lr=1e-3), {})
         opt.step()
-        res["irdro_optimizer"] = {"ok": bool(torch.isfinite(p).all()), "seconds": time.perf_counter() - t0,
-                                  "class": f"{type(opt).__module__}.{type(opt).__qualname__}"}  # fmt: skip
+        res["irdro_optimizer"] = {
+            "ok": bool(torch.isfinite(p).all()),
+            "seconds": time.perf_counter() - t0,
+            "class": f"{type(opt).__module__}.{type(opt).__qualname__}",
+        }
     except Exception as e:
         res["irdro_optimizer"] = {
             "ok": False,
@@ -689,9 +737,13 @@ def recipe(c: Check, res: dict) -> None:
     for d in (run_dir, export_dir):
         shutil.rmtree(d, ignore_errors=True)
     path = c.write_recipe("recipe", check_recipe(c.plan, c.inputs, run_dir, c.train_optim))
-    res.update(recipe=str(path), optim=c.train_optim, optim_note=c.train_optim_note,
-               entry_points="first launch: python -m deepspeed.launcher.runner --num_gpus 1 "
-               "--module irdro.train; resume: python -m irdro.train")  # fmt: skip
+    res.update(
+        recipe=str(path),
+        optim=c.train_optim,
+        optim_note=c.train_optim_note,
+        entry_points="first launch: python -m deepspeed.launcher.runner --num_gpus 1 "
+        "--module irdro.train; resume: python -m irdro.train",
+    )
     timeout, first_steps, last_steps = (
         c.plan.timeouts["launch"],
         RECIPE_FIRST_STEPS,
@@ -714,9 +766,7 @@ def recipe(c: Check, res: dict) -> None:
     checks["first_checkpoints"] = latest.exists() and latest.read_text().strip() == tag(first_steps)
 
     # the other entry point for the resume: a plain process is a world of one as well
-    second = c.run(
-        "recipe_resume", [PY, "-m", "irdro.train", str(path), f"max_steps={last_steps}"], timeout
-    )
+    second = c.run("recipe_resume", [PY, "-m", "irdro.train", str(path), f"max_steps={last_steps}"], timeout)
     res["resume"] = second.summary()
     require(second, f"the resumed launch (max_steps={last_steps})")
     metrics = read_metrics(run_dir)
@@ -725,14 +775,13 @@ def recipe(c: Check, res: dict) -> None:
     evals = [x for x in metrics if "eval_loss" in x]
     keys = ("loss", "weighted_loss", "ess", "grad_norm")
     checks.update(
-        resumed_at_step=f"resumed from {run_dir}/checkpoints/{tag(first_steps)} at step {first_steps}"
-        in second.output,
+        resumed_at_step=f"resumed from {run_dir}/checkpoints/{tag(first_steps)} at step {first_steps}" in second.output,
         resumed_steps=[x["step"] for x in train] == list(range(1, last_steps + 1)),
         eval_steps=[x["step"] for x in evals] == list(range(0, last_steps + 1, 2)),
         finite_not_skipped=all(is_finite(x[k]) for x in train for k in keys) and not any(x["skipped"] for x in train),
         learns=len(evals) > 1 and evals[-1]["eval_loss"] < evals[0]["eval_loss"],
         final_checkpoint=latest.exists() and latest.read_text().strip() == tag(last_steps),
-    )  # fmt: skip
+    )
 
     cmd = [
         PY,
@@ -746,14 +795,19 @@ def recipe(c: Check, res: dict) -> None:
     export = c.run("recipe_export", cmd, c.plan.timeouts["export"])
     res.update(export=export.summary(), export_output=export.tail(600))
     checks["export_verified"] = export.ok and "(ok)" in export.output
-    checks["export_files"] = (export_dir / "config.json").exists() and (export_dir / "tokenizer.json").exists() \
-        and any(export_dir.glob("*.safetensors"))  # fmt: skip
+    checks["export_files"] = (
+        (export_dir / "config.json").exists()
+        and (export_dir / "tokenizer.json").exists()
+        and any(export_dir.glob("*.safetensors"))
+    )
     failed = [k for k, ok in checks.items() if not ok]
     if failed:
         res["output_tail"] = (export if failed[0].startswith("export") else second).tail()
         raise SectionFailed(f"checks failed: {', '.join(failed)}")
-    res["message"] = (f"{first_steps} steps, resumed to {last_steps}, eval loss {evals[0]['eval_loss']:.3f}"
-                      f" -> {evals[-1]['eval_loss']:.3f}, export verified")  # fmt: skip
+    res["message"] = (
+        f"{first_steps} steps, resumed to {last_steps}, eval loss {evals[0]['eval_loss']:.3f}"
+        f" -> {evals[-1]['eval_loss']:.3f}, export verified"
+    )
 
 
 def tag(step: int) -> str:
@@ -789,11 +843,19 @@ def throughput(c: Check, res: dict) -> None:
     res.update(
         model={k: v for k, v in plan.throughput_model.items() if not k.endswith("_token_id")},
         seq_len=seq_len_of(c.inputs / "data" / plan.throughput_data),
-        micro_batch_size=plan.throughput_micro, grad_accum_steps=plan.throughput_ga,
-        steps=plan.throughput_steps, warmup_dropped=plan.throughput_warmup, dtype=plan.dtype,
-        ds_config=plan.ds_config, attention="sdpa", entry_point="python -m irdro.train",
-        optim=c.train_optim, optim_note=c.train_optim_note, mfu_formula=MFU_FORMULA, variants={},
-    )  # fmt: skip
+        micro_batch_size=plan.throughput_micro,
+        grad_accum_steps=plan.throughput_ga,
+        steps=plan.throughput_steps,
+        warmup_dropped=plan.throughput_warmup,
+        dtype=plan.dtype,
+        ds_config=plan.ds_config,
+        attention="sdpa",
+        entry_point="python -m irdro.train",
+        optim=c.train_optim,
+        optim_note=c.train_optim_note,
+        mfu_formula=MFU_FORMULA,
+        variants={},
+    )
     try:
         res["parameters"] = count_parameters(plan.throughput_model)
     except Exception as e:
@@ -823,14 +885,14 @@ def throughput(c: Check, res: dict) -> None:
             row["error"] = str(e)
             errors.append(f"{variant}: not started (budget)")
             continue
-        row.update(launch=proc.summary(), peak_gpu_memory_used_mib=memory.peak_mib,
-                   **speed(read_metrics(run_dir), plan.throughput_warmup))  # fmt: skip
+        row.update(
+            launch=proc.summary(),
+            peak_gpu_memory_used_mib=memory.peak_mib,
+            **speed(read_metrics(run_dir), plan.throughput_warmup),
+        )
         if not proc.ok or "tokens_per_s" not in row:
             row["output_tail"] = proc.tail()
-            errors.append(
-                f"{variant}: {proc.why}"
-                + ("" if "tokens_per_s" in row else ", no step after warm-up")
-            )
+            errors.append(f"{variant}: {proc.why}" + ("" if "tokens_per_s" in row else ", no step after warm-up"))
         add_ratios_and_mfu(res)
         c.write_json()
     if errors:
@@ -880,9 +942,7 @@ def add_ratios_and_mfu(res: dict) -> None:
         row["tokens_per_s_vs_erm"] = tps / erm if erm else None
         row["step_time_vs_erm"] = erm / tps if erm else None
         row["mfu"] = 6 * n * tps / peak if peak and n else None
-        row["mfu_with_attention"] = (
-            (6 * n + attention_per_token) * tps / peak if peak and n else None
-        )
+        row["mfu_with_attention"] = (6 * n + attention_per_token) * tps / peak if peak and n else None
 
 
 # ----------------------------------------------------------------------------- inputs (--prepare)
@@ -905,9 +965,7 @@ def prepare_inputs(dest: Path, wheels: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         # Long documents for seq 2048 rows: the sonnets in 8 shuffled orders, each document split
         # into 2048-token samples (104 of them). The model is random: only the shape matters.
-        texts = [
-            json.loads(line)["text"] for line in SONNETS.read_text().splitlines() if line.strip()
-        ]
+        texts = [json.loads(line)["text"] for line in SONNETS.read_text().splitlines() if line.strip()]
         rng, docs = random.Random(0), []
         for _ in range(8):
             rng.shuffle(texts)
@@ -930,9 +988,7 @@ def prepare_inputs(dest: Path, wheels: bool) -> dict:
         info["git_commit"] = f"unavailable ({one_line(e)})"
     if wheels:
         info["wheels"] = build_wheels(dest / "whl")
-    info["total_mib"] = round(
-        sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 2**20, 2
-    )
+    info["total_mib"] = round(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 2**20, 2)
     (dest / INPUTS_MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -948,8 +1004,18 @@ CARRIED = (
     "hjson",
     "typing-extensions",
 )
-GPU_PYTHON = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-              "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]  # fmt: skip
+GPU_PYTHON = [
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+]
 
 
 def build_wheels(whl: Path) -> list[str]:
@@ -960,11 +1026,26 @@ def build_wheels(whl: Path) -> list[str]:
     pip = [PY, "-m", "pip", "--disable-pip-version-check"]
     # DS_BUILD_OPS=0: a pure-Python wheel (2 MB); ops are JIT-built on the GPU machine when used
     ds = f"deepspeed=={md.version('deepspeed')}"
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(whl), ds],
-                   check=True, env={**os.environ, "DS_BUILD_OPS": "0"})  # fmt: skip
+    subprocess.run(
+        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(whl), ds],
+        check=True,
+        env={**os.environ, "DS_BUILD_OPS": "0"},
+    )
     for name in CARRIED:
-        subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", *GPU_PYTHON,
-                        "-d", str(whl), f"{name}=={md.version(name)}"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                *pip,
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                *GPU_PYTHON,
+                "-d",
+                str(whl),
+                f"{name}=={md.version(name)}",
+            ],
+            check=True,
+        )
     return sorted(p.name for p in whl.glob("*.whl"))
 
 
@@ -979,9 +1060,7 @@ SECTIONS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", type=Path, help="folder for gpu_check.json and gpu_check.log")
     p.add_argument(
         "--inputs",
@@ -989,15 +1068,9 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_INPUTS,
         help="what --prepare wrote (default .gpu_check)",
     )
-    p.add_argument(
-        "--cpu", action="store_true", help="dry run on CPU: tiny shapes, fp32, CUDA tests skipped"
-    )
-    p.add_argument(
-        "--workdir", type=Path, help="runs, exports, subprocess outputs (default: a new temp dir)"
-    )
-    p.add_argument(
-        "--budget-s", type=float, help="wall-clock budget in seconds (default 480; --cpu: 900)"
-    )
+    p.add_argument("--cpu", action="store_true", help="dry run on CPU: tiny shapes, fp32, CUDA tests skipped")
+    p.add_argument("--workdir", type=Path, help="runs, exports, subprocess outputs (default: a new temp dir)")
+    p.add_argument("--budget-s", type=float, help="wall-clock budget in seconds (default 480; --cpu: 900)")
     p.add_argument("--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
     p.add_argument(
         "--prepare",
@@ -1020,9 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
         info = prepare_inputs(args.prepare.resolve(), wheels=not args.no_wheels)
         print(f"inputs written to {args.prepare} ({info['total_mib']} MiB): {json.dumps(info)}")
         if info["total_mib"] > 60:
-            print(
-                f"error: {args.prepare} is over the 64 MiB a device run can carry", file=sys.stderr
-            )
+            print(f"error: {args.prepare} is over the 64 MiB a device run can carry", file=sys.stderr)
             return 2
         return 0
     if args.output is None:
@@ -1033,8 +1104,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in SECTIONS if n in only]  # always in the order of SECTIONS
     inputs = args.inputs.resolve()
     if not (inputs / INPUTS_MANIFEST).exists():
-        print(f"error: {inputs} holds no {INPUTS_MANIFEST}: run `python benchmarks/gpu_check.py --prepare "
-              f"{args.inputs}` on a box with PyPI first", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {inputs} holds no {INPUTS_MANIFEST}: run `python benchmarks/gpu_check.py --prepare "
+            f"{args.inputs}` on a box with PyPI first",
+            file=sys.stderr,
+        )
         return 2
     if not args.cpu and not cuda_available():
         print(
@@ -1043,15 +1117,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     plan = PLANS["cpu" if args.cpu else "gpu"]
-    work = (
-        args.workdir.resolve()
-        if args.workdir
-        else Path(tempfile.mkdtemp(prefix="irdro-gpu-check-"))
-    )
+    work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="irdro-gpu-check-"))
     c = Check(plan, inputs, args.output.resolve(), work, args.budget_s or plan.budget_s)
-    c.say(
-        f"gpu_check, {plan.name} plan: inputs {inputs}, work dir {work}, budget {c.result['budget_s']:.0f}s"
-    )
+    c.say(f"gpu_check, {plan.name} plan: inputs {inputs}, work dir {work}, budget {c.result['budget_s']:.0f}s")
     try:
         c.result["environment"] = environment(c.cpu)
     except Exception as e:
@@ -1066,9 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         c.section(name, SECTIONS[name])
     status = {k: v["status"] for k, v in c.result["sections"].items()}
-    c.say(
-        f"done in {c.result['seconds']}s: ok={c.result['ok']} {status} -> {c.output / 'gpu_check.json'}"
-    )
+    c.say(f"done in {c.result['seconds']}s: ok={c.result['ok']} {status} -> {c.output / 'gpu_check.json'}")
     c.log_file.close()
     return 0 if c.result["ok"] else 1
 

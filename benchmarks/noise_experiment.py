@@ -59,10 +59,18 @@ CONTINUAL_LR = 1e-3
 SEEDS = (1, 2, 3)
 
 TINY_LLAMA = dict(
-    model_type="llama", vocab_size=VOCAB, hidden_size=192, intermediate_size=512,
-    num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-    max_position_embeddings=SEQ_LEN, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-)  # fmt: skip
+    model_type="llama",
+    vocab_size=VOCAB,
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=SEQ_LEN,
+    tie_word_embeddings=True,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 
 # name -> reweight section. Chosen before seeing any result; see docs/benchmarks.md.
 SCHEMES: dict[str, dict] = {
@@ -211,9 +219,16 @@ def build(args) -> None:
         ("continual_train.jsonl", "train"),
         ("continual_eval.jsonl", "eval"),
     ):
-        prepare([str(WORK / name)], str(tok_dir), str(WORK / "shards" / out),
-                     seq_len=SEQ_LEN, eval_fraction=0.0, seed=0, overwrite=True,
-                     progress=False)  # fmt: skip
+        prepare(
+            [str(WORK / name)],
+            str(tok_dir),
+            str(WORK / "shards" / out),
+            seq_len=SEQ_LEN,
+            eval_fraction=0.0,
+            seed=0,
+            overwrite=True,
+            progress=False,
+        )
     summary = {
         "pretrain_works": pre_names,
         "continual_works": cont_names,
@@ -241,9 +256,16 @@ def build_clean(args) -> None:
     lines = (WORK / "continual_train.jsonl").read_text().splitlines()
     clean = [line + "\n" for line, k in zip(lines, kinds, strict=True) if k == "clean"]
     (WORK / "continual_train_clean.jsonl").write_text("".join(clean))
-    prepare([str(WORK / "continual_train_clean.jsonl")], str(WORK / "tokenizer"),
-                 str(WORK / "shards" / "train_clean"), seq_len=SEQ_LEN, eval_fraction=0.0, seed=0,
-                 overwrite=True, progress=False)  # fmt: skip
+    prepare(
+        [str(WORK / "continual_train_clean.jsonl")],
+        str(WORK / "tokenizer"),
+        str(WORK / "shards" / "train_clean"),
+        seq_len=SEQ_LEN,
+        eval_fraction=0.0,
+        seed=0,
+        overwrite=True,
+        progress=False,
+    )
 
 
 # ----------------------------------------------------------------------------------- training
@@ -293,14 +315,19 @@ def pretrain(args) -> None:
     recipe["model"]["path"] = str(init)
     recipe["data"]["train"] = str(WORK / "shards" / "pretrain")
     recipe["reweight"] = {"scheme": "erm"}
-    recipe["optim"] = {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0,
-                       "scheduler": "cosine", "warmup_steps": 20}  # fmt: skip
+    recipe["optim"] = {
+        "name": "adamw",
+        "lr": 3e-3,
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "scheduler": "cosine",
+        "warmup_steps": 20,
+    }
     shutil.rmtree(recipe["output_dir"], ignore_errors=True)
     say(f"pre-training the tiny Llama for {PRETRAIN_STEPS} steps")
     t0 = time.perf_counter()
     res = run(recipe, timeout=3600)
-    say(f"pre-trained in {time.perf_counter() - t0:.0f}s; eval ppl "
-        f"{res.records[-1].get('eval_ppl')}")  # fmt: skip
+    say(f"pre-trained in {time.perf_counter() - t0:.0f}s; eval ppl {res.records[-1].get('eval_ppl')}")
     model.load_state_dict(res.state_dict, strict=False)
     model.tie_weights()
     with staged_dir(base, overwrite=True) as tmp:
@@ -359,8 +386,13 @@ def grid(args) -> None:
             recipe.update(max_steps=args.steps)
             recipe["model"]["path"] = str(WORK / "base_model")
             recipe["reweight"] = {**SCHEMES[name], "window": "micro"}
-            recipe["optim"] = {"name": "adamw", "lr": args.lr, "weight_decay": 0.0,
-                               "grad_clip": 1.0, "scheduler": "constant"}  # fmt: skip
+            recipe["optim"] = {
+                "name": "adamw",
+                "lr": args.lr,
+                "weight_decay": 0.0,
+                "grad_clip": 1.0,
+                "scheduler": "constant",
+            }
             recipe["log"]["samples_every"] = 1
             if name in CLEAN_ONLY:
                 recipe["data"]["train"] = str(WORK / "shards" / "train_clean")
@@ -371,21 +403,32 @@ def grid(args) -> None:
             evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             evals = [r for r in evals if "eval_loss" in r]
             row = {
-                "name": name, "seed": seed, "steps": args.steps, "lr": args.lr,
-                "reweight": SCHEMES[name], "eval_loss_start": evals[0]["eval_loss"],
-                "eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"],
+                "name": name,
+                "seed": seed,
+                "steps": args.steps,
+                "lr": args.lr,
+                "reweight": SCHEMES[name],
+                "eval_loss_start": evals[0]["eval_loss"],
+                "eval_loss": evals[-1]["eval_loss"],
+                "eval_ppl": evals[-1]["eval_ppl"],
                 "eval_ppl_start": evals[0]["eval_ppl"],
                 "train_loss_last20": float(np.mean([r["loss"] for r in recs[-20:]])),
                 "ess_mean": float(np.mean([r["ess"] for r in recs])),
-                "skipped": int(sum(r["skipped"] for r in recs)), "wall_s": wall,
-                **(noise_weight(run_dir, ["clean"], clean_doc) if name in CLEAN_ONLY
-                   else noise_weight(run_dir, kinds, sample_doc)),
-            }  # fmt: skip
+                "skipped": int(sum(r["skipped"] for r in recs)),
+                "wall_s": wall,
+                **(
+                    noise_weight(run_dir, ["clean"], clean_doc)
+                    if name in CLEAN_ONLY
+                    else noise_weight(run_dir, kinds, sample_doc)
+                ),
+            }
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             shutil.rmtree(run_dir / "samples", ignore_errors=True)
-            say(f"{name} seed {seed}: ppl {row['eval_ppl_start']:.2f} -> {row['eval_ppl']:.2f}, "
-                f"noise weight {row['weight_noise']:.3f}, {wall:.0f}s")  # fmt: skip
+            say(
+                f"{name} seed {seed}: ppl {row['eval_ppl_start']:.2f} -> {row['eval_ppl']:.2f}, "
+                f"noise weight {row['weight_noise']:.3f}, {wall:.0f}s"
+            )
 
 
 # ----------------------------------------------------------------------------------- report
@@ -456,12 +499,16 @@ def report(args) -> None:
             f"{t['weight_noise_mean']:.3f} | "
             f"{t['share_noise_samples']:.3f} | {t['ess_mean']:.3f} |"
         )
-    lines += ["", "Weight on each noise kind (fraction of the total weight):", "",
-              "| scheme | random tokens | shuffled chars | Cyrillic |", "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Weight on each noise kind (fraction of the total weight):",
+        "",
+        "| scheme | random tokens | shuffled chars | Cyrillic |",
+        "|---|---|---|---|",
+    ]
     for t in table:
         w = t["weight_by_kind"]
-        lines.append(f"| {t['name']} | {w['random_tokens']:.3f} | {w['shuffled_chars']:.3f} | "
-                     f"{w['cyrillic']:.3f} |")  # fmt: skip
+        lines.append(f"| {t['name']} | {w['random_tokens']:.3f} | {w['shuffled_chars']:.3f} | {w['cyrillic']:.3f} |")
     lines += ["", f"Seeds: {sorted({r['seed'] for r in rows})}; per-run rows in noise_runs.jsonl."]
     (RESULTS / "noise_experiment.md").write_text("\n".join(lines) + "\n")
     plot(table)
@@ -481,9 +528,7 @@ def plot(table: list[dict]) -> None:
         rel = t["ppl_vs_erm"]
         a.scatter([i] * len(rel), rel, color="C0", s=18, zorder=3)
         a.plot([i - 0.3, i + 0.3], [statistics.mean(rel)] * 2, color="k", lw=1.5)
-    a.axhline(
-        1.0, color="grey", ls="--", lw=0.8, label=f"ERM (clean ppl {table[0]['ppl_mean']:.1f})"
-    )
+    a.axhline(1.0, color="grey", ls="--", lw=0.8, label=f"ERM (clean ppl {table[0]['ppl_mean']:.1f})")
     a.set_yscale("log")
     ticks = [0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0]
     a.set_yticks(ticks, [f"{v:g}" for v in ticks])
@@ -497,8 +542,7 @@ def plot(table: list[dict]) -> None:
         vals = [t["weight_by_kind"][k] for t in table]
         b.bar(list(x), vals, bottom=bottom, color=c, label=k)
         bottom = [u + v for u, v in zip(bottom, vals, strict=True)]
-    b.axhline(table[0]["share_noise_samples"], color="grey", ls="--", lw=0.8,
-              label="noise share of samples")  # fmt: skip
+    b.axhline(table[0]["share_noise_samples"], color="grey", ls="--", lw=0.8, label="noise share of samples")
     b.set_xticks(list(x), names, rotation=35, ha="right")
     b.set_ylabel("fraction of total weight")
     b.set_title("Weight received by noise documents")
@@ -509,9 +553,17 @@ def plot(table: list[dict]) -> None:
 
 
 def config_dict() -> dict:
-    return {"seq_len": SEQ_LEN, "vocab": VOCAB, "noise_frac": NOISE_FRAC, "eval_frac": EVAL_FRAC,
-            "micro_batch": MICRO_BATCH, "world_size": 2, "pretrain_steps": PRETRAIN_STEPS,
-            "model": TINY_LLAMA, "schemes": SCHEMES}  # fmt: skip
+    return {
+        "seq_len": SEQ_LEN,
+        "vocab": VOCAB,
+        "noise_frac": NOISE_FRAC,
+        "eval_frac": EVAL_FRAC,
+        "micro_batch": MICRO_BATCH,
+        "world_size": 2,
+        "pretrain_steps": PRETRAIN_STEPS,
+        "model": TINY_LLAMA,
+        "schemes": SCHEMES,
+    }
 
 
 def main() -> int:

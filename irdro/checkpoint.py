@@ -40,8 +40,12 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # fmt: skip
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -70,14 +74,12 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
     dist.barrier()
     problem = None
     if dist.is_main():
-        missing = [
-            r
-            for r in range(dist.world_size())
-            if not (root / tag / f"irdro_rng_rank{r}.pkl").is_file()
-        ]
+        missing = [r for r in range(dist.world_size()) if not (root / tag / f"irdro_rng_rank{r}.pkl").is_file()]
         if missing:
-            problem = (f"{root / tag}: rank 0 cannot see the files of ranks {missing}; output_dir must be on "
-                       "a filesystem every node shares (docs/multinode.md)")  # fmt: skip
+            problem = (
+                f"{root / tag}: rank 0 cannot see the files of ranks {missing}; output_dir must be on "
+                "a filesystem every node shares (docs/multinode.md)"
+            )
     problem = dist.broadcast_object(problem)
     if problem:  # every rank raises together: no one waits at the next barrier
         raise RuntimeError(problem)
@@ -115,11 +117,7 @@ def check_complete(tag_dir: Path) -> str | None:
 
 def complete_tags(root: Path) -> list[str]:
     """Complete `step_*` tags under `root`, newest first."""
-    tags = (
-        [p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
-        if root.is_dir()
-        else []
-    )
+    tags = [p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)] if root.is_dir() else []
     tags.sort(key=lambda t: int(TAG_RE.match(t).group(1)), reverse=True)
     return [t for t in tags if check_complete(root / t) is None]
 
@@ -140,8 +138,11 @@ def find_resume(output_dir: str | Path, resume: str) -> ResumePoint | None:
         root = RunDir(output_dir).checkpoints
         if not root.is_dir():
             return None
-        candidates = sorted((p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
-                            key=lambda p: int(TAG_RE.match(p.name).group(1)), reverse=True)  # fmt: skip
+        candidates = sorted(
+            (p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
+            key=lambda p: int(TAG_RE.match(p.name).group(1)),
+            reverse=True,
+        )
         for tag_dir in candidates:
             why = check_complete(tag_dir)
             if why is None:
@@ -171,21 +172,28 @@ def prepare_elastic(point: ResumePoint) -> Path:
     (once; cached next to the tag). Call on every rank; rank 0 converts."""
     out = universal_dir(point)
     if dist.is_main() and not (out / MARKER).is_file():
-        log.info(
-            "converting %s (%d ranks) to a universal checkpoint", point.tag_dir, point.world_size
-        )
+        log.info("converting %s (%d ranks) to a universal checkpoint", point.tag_dir, point.world_size)
         # A leftover without the marker (a crash mid-conversion) is replaced once the new one is in place.
         with staged_dir(out, overwrite=True) as tmp:
             proc = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                 str(point.tag_dir), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                 "--num_merge_workers", "1"],
-                capture_output=True, text=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    str(point.tag_dir),
+                    "--output_folder",
+                    str(tmp),
+                    "--num_extract_workers",
+                    "1",
+                    "--num_merge_workers",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
-                raise RuntimeError(
-                    f"universal conversion of {point.tag_dir} failed:\n{proc.stderr[-2000:]}"
-                )
+                raise RuntimeError(f"universal conversion of {point.tag_dir} failed:\n{proc.stderr[-2000:]}")
             for f in point.tag_dir.iterdir():  # our own resume files travel with it
                 if f.name.startswith("irdro_") and f.name != MARKER:
                     shutil.copy2(f, tmp / f.name)
@@ -209,8 +217,9 @@ def load(engine, point: ResumePoint, elastic: bool, global_batch: int) -> dict:
         ConfigError: the checkpoint was trained with another global batch.
     """
     tag_dir = universal_dir(point) if elastic else point.tag_dir
-    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)  # fmt: skip
+    _, client_state = engine.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load {tag_dir}")
     step = client_state["step"]
@@ -256,6 +265,4 @@ def consolidated_fp32(tag_dir: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(
-            str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True
-        )
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)

@@ -126,8 +126,7 @@ def _check_midrank_window(w: ReweightConfig, n: int) -> None:
     _check(
         (w.portion + 1) * c <= n,
         "reweight.portion",
-        f"band [{w.portion * c}, {(w.portion + 1) * c}) lies outside the window of {n} "
-        f"samples; lower portion or frac",
+        f"band [{w.portion * c}, {(w.portion + 1) * c}) lies outside the window of {n} samples; lower portion or frac",
     )
 
 
@@ -249,9 +248,7 @@ class Recipe:
 
     def window_size(self, dp: int) -> int:
         """Samples in one reweighting window over `dp` data-parallel ranks."""
-        per_rank = self.micro_batch_size * (
-            self.grad_accum_steps if self.reweight.window == "step" else 1
-        )
+        per_rank = self.micro_batch_size * (self.grad_accum_steps if self.reweight.window == "step" else 1)
         return per_rank * dp
 
     def to_dict(self) -> dict:
@@ -286,9 +283,7 @@ def load_recipe(
             where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
             raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(raw, dict):
-            raise ConfigError(
-                f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}"
-            )
+            raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)
     recipe = _build(Recipe, raw, "")
     validate(recipe, world_size)
@@ -302,12 +297,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     the recipe and its overrides (`RECIPE --world-size 8 a.b=1`); plain `parse_args` stops taking
     overrides at the first option and calls the rest unrecognized.
     """
-    parser.add_argument(
-        "recipe", help="recipe YAML (see recipes/), e.g. recipes/tiny/cpu_smoke.yaml"
-    )
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)"
-    )
+    parser.add_argument("recipe", help="recipe YAML (see recipes/), e.g. recipes/tiny/cpu_smoke.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (values parsed as YAML)")
 
 
 def recipe_from_dict(raw: dict, world_size: int | None = None) -> Recipe:
@@ -355,9 +346,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown:
         key = str(unknown[0])
         close = difflib.get_close_matches(key, list(fields), n=1)
-        hint = (
-            f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
-        )
+        hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
         raise ConfigError(f"unknown key {prefix}{key}{hint}")
     kwargs = {}
     for name, value in raw.items():
@@ -424,9 +413,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(
-            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-        )
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this module
 
 
@@ -486,9 +473,7 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     for i, beta in enumerate(o.betas):
         _check(0.0 <= beta < 1.0, f"optim.betas[{i}]", f"must be in [0, 1), got {beta}")
-    _check(
-        o.eps > 0 and math.isfinite(o.eps), "optim.eps", f"must be a finite number > 0, got {o.eps}"
-    )
+    _check(o.eps > 0 and math.isfinite(o.eps), "optim.eps", f"must be a finite number > 0, got {o.eps}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.momentum >= 0, "optim.momentum", f"must be >= 0, got {o.momentum}")
     _check(0 <= r.seed < 2**32, "seed", f"must be in [0, 2**32), got {r.seed}")
@@ -499,9 +484,7 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(r.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
     _check(r.eval.every >= 0, "eval.every", "must be >= 0")
     _check(r.eval.max_samples >= 1, "eval.max_samples", "must be >= 1")
-    _check(
-        r.eval.micro_batch_size >= 0, "eval.micro_batch_size", "must be >= 0 (0 = micro_batch_size)"
-    )
+    _check(r.eval.micro_batch_size >= 0, "eval.micro_batch_size", "must be >= 0 (0 = micro_batch_size)")
     _check(r.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     _check(r.log.every >= 1, "log.every", "must be >= 1")
     _check(r.log.samples_every >= 0, "log.samples_every", "must be >= 0 (0 = off)")
@@ -589,9 +572,7 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
                 )
         auto = _find_auto(cfg, "")
         if auto:
-            raise ConfigError(
-                f'ds_config: {source} sets {auto} = "auto"; irdro needs explicit values'
-            )
+            raise ConfigError(f'ds_config: {source} sets {auto} = "auto"; irdro needs explicit values')
     ds = _deep_merge(base, r.ds_overrides)
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError("ds_config: fp16 is not supported (use bf16 or fp32)")
@@ -609,9 +590,7 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
     ds["gradient_accumulation_steps"] = r.grad_accum_steps
     ds["train_batch_size"] = r.global_batch(world_size)
     ds["gradient_clipping"] = r.optim.grad_clip
-    if (
-        r.optim.name == "sgd"
-    ):  # a client optimizer DeepSpeed has no own test for; ZeRO handles it fine
+    if r.optim.name == "sgd":  # a client optimizer DeepSpeed has no own test for; ZeRO handles it fine
         ds["zero_allow_untested_optimizer"] = True
     return ds
 
@@ -633,21 +612,42 @@ def _refuse_unsafe_ds_settings(ds: dict, source: str) -> None:
     """Refuse engine settings that silently break the gradient contract of irdro.normalize or
     the non-finite step skip (the merged DS JSON + ds_overrides; `source` names the file)."""
     refused = (
-        ("gradient_predivide_factor", lambda v: v is not None and float(v) != 1.0,
-         "rescales gradients before the data-parallel mean that irdro's backward coefficients undo"),
-        ("prescale_gradients", lambda v: bool(v),
-         "divides gradients by the world size before the reduction irdro's coefficients assume"),
-        ("zero_optimization.reduce_scatter", lambda v: v is False,
-         "switches ZeRO to an all-reduce path the equivalence tests do not cover"),
-        ("bf16.check_grad_overflow", lambda v: v is False,
-         "turns off the overflow check that makes every rank skip a step with a non-finite loss"),
-        ("zero_optimization.compute_grad_norm", lambda v: v is False,
-         "drops the global gradient norm that clipping, grad_norm and the non-finite skip use"),
-        ("sequence_parallel_size", lambda v: v is not None,
-         "splits samples over ranks, which irdro's per-sample losses do not support yet"),
-        ("checkpoint.load_universal", lambda v: v is not None,
-         "is set by irdro itself when a run resumes on another number of ranks"),
-    )  # fmt: skip
+        (
+            "gradient_predivide_factor",
+            lambda v: v is not None and float(v) != 1.0,
+            "rescales gradients before the data-parallel mean that irdro's backward coefficients undo",
+        ),
+        (
+            "prescale_gradients",
+            lambda v: bool(v),
+            "divides gradients by the world size before the reduction irdro's coefficients assume",
+        ),
+        (
+            "zero_optimization.reduce_scatter",
+            lambda v: v is False,
+            "switches ZeRO to an all-reduce path the equivalence tests do not cover",
+        ),
+        (
+            "bf16.check_grad_overflow",
+            lambda v: v is False,
+            "turns off the overflow check that makes every rank skip a step with a non-finite loss",
+        ),
+        (
+            "zero_optimization.compute_grad_norm",
+            lambda v: v is False,
+            "drops the global gradient norm that clipping, grad_norm and the non-finite skip use",
+        ),
+        (
+            "sequence_parallel_size",
+            lambda v: v is not None,
+            "splits samples over ranks, which irdro's per-sample losses do not support yet",
+        ),
+        (
+            "checkpoint.load_universal",
+            lambda v: v is not None,
+            "is set by irdro itself when a run resumes on another number of ranks",
+        ),
+    )
     for key, bad, why in refused:
         value = _dotted(ds, key)
         if bad(value):

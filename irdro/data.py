@@ -28,9 +28,7 @@ if TYPE_CHECKING:
     from irdro.config import Recipe
 
 
-def sample_positions(
-    step: int, micro: int, rank: int, dp: int, ga: int, micro_batch_size: int
-) -> np.ndarray:
+def sample_positions(step: int, micro: int, rank: int, dp: int, ga: int, micro_batch_size: int) -> np.ndarray:
     """Global stream positions read by one rank for one micro-batch.
 
     The global batch of an optimizer step is ``G = dp * ga * B`` consecutive positions; within
@@ -121,9 +119,7 @@ class GlobalOrder:
         return perm
 
 
-def collate(
-    samples: list[Sample], pad_id: int, pad_to_multiple_of: int = 8
-) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
     """Right-pad samples into a batch.
 
     Args:
@@ -155,17 +151,14 @@ def collate(
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "attention_mask": torch.from_numpy(attention_mask),
-        "sample_ids": torch.tensor(
-            [s.sample_id for s in samples], dtype=torch.int64, device="cpu"
-        ),  # host side
+        "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.int64, device="cpu"),  # host side
     }
 
 
 def packed_row_capacity(seq_len: int, pad_to_multiple_of: int = 8) -> int:
     """Tokens one packed row may hold: ``seq_len`` rounded up to ``pad_to_multiple_of``."""
     if seq_len < 1 or pad_to_multiple_of < 1:
-        raise ValueError(f"need seq_len >= 1 and pad_to_multiple_of >= 1, got {seq_len}, "
-                         f"{pad_to_multiple_of}")  # fmt: skip
+        raise ValueError(f"need seq_len >= 1 and pad_to_multiple_of >= 1, got {seq_len}, {pad_to_multiple_of}")
     return -(-seq_len // pad_to_multiple_of) * pad_to_multiple_of
 
 
@@ -235,9 +228,7 @@ def collate_packed(
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(position_ids),
         "segment_ids": torch.from_numpy(segment_ids),
-        "sample_ids": torch.tensor(
-            [s.sample_id for s in samples], dtype=torch.int64, device="cpu"
-        ),  # host side
+        "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.int64, device="cpu"),  # host side
     }
 
 
@@ -257,9 +248,7 @@ class Batches:
     the reweighting window and index-based resume do not depend on `data.packing`.
     """
 
-    def __init__(
-        self, data: ShardDataset, recipe: Recipe, pad_id: int, *, dp_rank: int, dp_size: int
-    ) -> None:
+    def __init__(self, data: ShardDataset, recipe: Recipe, pad_id: int, *, dp_rank: int, dp_size: int) -> None:
         """Args:
         data: the training shards.
         recipe: micro_batch_size, grad_accum_steps, seed, data.shuffle/packing.
@@ -276,9 +265,7 @@ class Batches:
         r = self.recipe
         out = []
         for micro in range(r.grad_accum_steps):
-            pos = sample_positions(
-                step, micro, self.dp_rank, self.dp_size, r.grad_accum_steps, r.micro_batch_size
-            )
+            pos = sample_positions(step, micro, self.dp_rank, self.dp_size, r.grad_accum_steps, r.micro_batch_size)
             samples = [self.data[int(i)] for i in self.order[pos]]
             out.append(make_batch(samples, self.data, r, self.pad_id))
         return out

@@ -34,17 +34,24 @@ def init_distributed() -> None:
     import deepspeed
 
     if "RANK" not in os.environ:
-        others = {k: v for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
-                  if (v := os.environ.get(k, "1")).isdigit() and int(v) > 1}  # fmt: skip
+        others = {
+            k: v
+            for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+            if (v := os.environ.get(k, "1")).isdigit() and int(v) > 1
+        }
         if others:  # mpirun / srun -n N without the deepspeed launcher: each would train alone
             raise ConfigError(
                 f"started as one of several processes ({others}) without RANK; launch with `deepspeed` "
                 "(one `deepspeed --no_ssh --node_rank R` per node, see docs/multinode.md)"
             )
         os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-        )  # fmt: skip
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     if torch.cuda.is_available():
@@ -97,9 +104,7 @@ def build_optimizer(params, cfg: OptimConfig, ds_config: dict) -> torch.optim.Op
     """AdamW (see `adamw_implementation`) or SGD over the parameters that require grad."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     impl = adamw_implementation(ds_config)
     log.info("optimizer: AdamW (%s)", impl)
@@ -140,9 +145,7 @@ def initialize(recipe: Recipe, model: torch.nn.Module, ds_config: dict):
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         optimizer=lambda params: build_optimizer(params, recipe.optim, ds_config),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(recipe.optim, recipe.max_steps)
-        ),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.optim, recipe.max_steps)),
         config=ds_config,
     )
     return engine

@@ -44,9 +44,7 @@ def resolve_tag(run_dir: Path, tag: str | None) -> Path:
     if tag is None:
         latest = root / "latest"
         if not latest.is_file():
-            raise ExportError(
-                f"{run_dir}: no checkpoints/latest; is this a run directory with a saved checkpoint?"
-            )
+            raise ExportError(f"{run_dir}: no checkpoints/latest; is this a run directory with a saved checkpoint?")
         tag = latest.read_text().strip()
     tag_dir = root / tag
     if not tag_dir.is_dir():
@@ -58,12 +56,24 @@ def resolve_tag(run_dir: Path, tag: str | None) -> Path:
 
 
 # safetensors dtype names of the tensors an export can hold.
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
-def _write_safetensors(path: Path, names: list[str], specs: dict[str, tuple[torch.Size, torch.dtype]],
-                       materialise, metadata: dict[str, str]) -> None:  # fmt: skip
+def _write_safetensors(
+    path: Path,
+    names: list[str],
+    specs: dict[str, tuple[torch.Size, torch.dtype]],
+    materialise,
+    metadata: dict[str, str],
+) -> None:
     """Write one safetensors file tensor by tensor: the header from the planned shapes first, then
     each tensor's bytes as soon as it is materialised, so at most one tensor is in memory
     (safetensors' save_file needs the whole shard as a dict of tensors)."""
@@ -72,8 +82,11 @@ def _write_safetensors(path: Path, names: list[str], specs: dict[str, tuple[torc
     for name in names:
         shape, dtype = specs[name]
         nbytes = shape.numel() * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
@@ -99,9 +112,16 @@ def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> lis
     return shards
 
 
-def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | None = None,
-              dtype: str = "bf16", max_shard_size: str = "2GB", overwrite: bool = False,
-              progress: bool = True) -> dict:  # fmt: skip
+def export_hf(
+    run_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    tag: str | None = None,
+    dtype: str = "bf16",
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Write RUN_DIR's checkpoint `tag` (default: latest) as an HF folder at `output`.
 
     Returns a summary: tag, number of tensors and shards, bytes written, seconds.
@@ -113,9 +133,7 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
     tag_dir = resolve_tag(run_dir, tag)
     hf_dir = RunDir(run_dir).hf
     if not (hf_dir / "config.json").is_file():
-        raise ExportError(
-            f"{hf_dir}: missing config.json (written at the start of every irdro run)"
-        )
+        raise ExportError(f"{hf_dir}: missing config.json (written at the start of every irdro run)")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ExportError(f"{output}: exists and is not empty; pass --overwrite to replace it")
     config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
@@ -136,8 +154,9 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
         for n in names
     }
     shards = _plan_shards(names, sizes, parse_size(max_shard_size))
-    specs = {n: (torch.Size(state[n].shape), target if state[n].dtype.is_floating_point
-                 else state[n].dtype) for n in names}  # fmt: skip
+    specs = {
+        n: (torch.Size(state[n].shape), target if state[n].dtype.is_floating_point else state[n].dtype) for n in names
+    }
 
     # Written beside `output`, renamed onto it when complete; an old export goes only afterwards.
     with staged_dir(output, overwrite=True) as tmp:
@@ -152,11 +171,7 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
             disable=not progress,
         )
         for i, shard in enumerate(shards):
-            fname = (
-                "model.safetensors"
-                if len(shards) == 1
-                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            )
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
 
             def materialise(name: str) -> torch.Tensor:
                 t = state[name]
@@ -177,8 +192,13 @@ def export_hf(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str
         config.dtype = DTYPE_NAMES[dtype]
         config.use_cache = True
         config.save_pretrained(tmp)
-    return {"tag": tag_dir.name, "tensors": len(names), "shards": len(shards), "bytes": sum(sizes.values()),
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "tag": tag_dir.name,
+        "tensors": len(names),
+        "shards": len(shards),
+        "bytes": sum(sizes.values()),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def probe_tokens(vocab_size: int, n: int = 32) -> torch.Tensor:
@@ -187,17 +207,16 @@ def probe_tokens(vocab_size: int, n: int = 32) -> torch.Tensor:
     return torch.randint(0, vocab_size, (1, n), generator=g)
 
 
-def verify(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | None = None,
-           dtype: str = "bf16") -> float:  # fmt: skip
+def verify(
+    run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | None = None, dtype: str = "bf16"
+) -> float:
     """Max |logit difference| between the exported folder reloaded by transformers and a model
     built from the checkpoint's consolidated weights (rounded to the export dtype), on fixed tokens.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     run_dir, output = Path(run_dir), Path(output)
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        output, dtype=torch.float32, local_files_only=True
-    )
+    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32, local_files_only=True)
     config = AutoConfig.from_pretrained(RunDir(run_dir).hf, local_files_only=True)
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = consolidated_fp32(resolve_tag(run_dir, tag))
@@ -211,9 +230,7 @@ def verify(run_dir: str | os.PathLike, output: str | os.PathLike, *, tag: str | 
     missing = [name for name in slots if name not in state and name in saved_names]
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ExportError(
-            f"checkpoint and config disagree: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+        raise ExportError(f"checkpoint and config disagree: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with torch.no_grad():
         for name, t in state.items():
             t = t.contiguous() if not isinstance(t, torch.Tensor) else t

@@ -59,9 +59,7 @@ def check_output_dir(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise OutputError(f"output {output} exists and is not a directory; choose another --output")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputError(
-            f"output {output} is not empty; pass --overwrite (overwrite=True) to replace it"
-        )
+        raise OutputError(f"output {output} is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
 def make_staging_dir(output: Path) -> Path:

@@ -23,9 +23,17 @@ log = logging.getLogger(__name__)
 class RankZeroLogger:
     """metrics.jsonl + optional TensorBoard + tqdm, active on global rank 0 only."""
 
-    def __init__(self, output_dir: str | Path, *, total_steps: int, initial_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, wandb: bool = False,
-                 config: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        total_steps: int,
+        initial_step: int = 0,
+        tensorboard: bool = True,
+        progress: bool = True,
+        wandb: bool = False,
+        config: dict | None = None,
+    ) -> None:
         self.active = dist.is_main()
         self._file = None
         self._tb = None
@@ -51,22 +59,23 @@ class RankZeroLogger:
                 raise ConfigError(
                     "log.wandb: wandb is not installed; `pip install wandb` or set log.wandb=false"
                 ) from None
-            self._wandb = wandb_lib.init(project=os.environ.get("WANDB_PROJECT", "irdro"), name=out.name,
-                                         dir=str(out), config=config or {}, resume="allow")  # fmt: skip
+            self._wandb = wandb_lib.init(
+                project=os.environ.get("WANDB_PROJECT", "irdro"),
+                name=out.name,
+                dir=str(out),
+                config=config or {},
+                resume="allow",
+            )
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
-                             dynamic_ncols=True)  # fmt: skip
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
         """Append one JSON line (non-finite floats become null) and mirror scalars to TensorBoard."""
         if not self.active:
             return
-        clean = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in record.items()
-        }
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         if self._tb is not None:
             step = int(record.get("step", 0))
@@ -74,9 +83,7 @@ class RankZeroLogger:
                 if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
-            self._wandb.log(
-                {k: v for k, v in clean.items() if k != "step"}, step=int(record.get("step", 0))
-            )
+            self._wandb.log({k: v for k, v in clean.items() if k != "step"}, step=int(record.get("step", 0)))
 
     def samples(self, step: int, windows: list, describe=None) -> None:
         """Write every window's per-sample rows of `step` to samples/step_<N>.jsonl (atomically; a
@@ -88,11 +95,17 @@ class RankZeroLogger:
         run.samples.mkdir(exist_ok=True)
         lines = []
         for w_idx, w in enumerate(windows):
-            for sid, rank, loss, weight in zip(w.ids.tolist(), w.ranks.tolist(), w.losses.tolist(),
-                                               w.weights.tolist(), strict=True):  # fmt: skip
-                row = {"step": step, "window": w_idx, "sample_id": sid, "rank": rank,
-                       "loss": loss if math.isfinite(loss) else None,
-                       "weight": weight if math.isfinite(weight) else None}  # fmt: skip
+            for sid, rank, loss, weight in zip(
+                w.ids.tolist(), w.ranks.tolist(), w.losses.tolist(), w.weights.tolist(), strict=True
+            ):
+                row = {
+                    "step": step,
+                    "window": w_idx,
+                    "sample_id": sid,
+                    "rank": rank,
+                    "loss": loss if math.isfinite(loss) else None,
+                    "weight": weight if math.isfinite(weight) else None,
+                }
                 if describe is not None:
                     row.update(describe(sid))
                 lines.append(json.dumps(row))

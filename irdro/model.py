@@ -63,17 +63,11 @@ def load_tokenizer(cfg: ModelConfig):
     """
     from transformers import AutoTokenizer
 
-    key, value = (
-        ("model.tokenizer", cfg.tokenizer)
-        if cfg.tokenizer is not None
-        else ("model.path", cfg.path)
-    )
+    key, value = ("model.tokenizer", cfg.tokenizer) if cfg.tokenizer is not None else ("model.path", cfg.path)
     assert value is not None  # config.validate guarantees it
     path = str(require_local(key, value))
     try:
-        return AutoTokenizer.from_pretrained(
-            path, trust_remote_code=cfg.trust_remote_code, local_files_only=True
-        )
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {_first_line(e)}") from None
 
@@ -112,9 +106,7 @@ def load_model(cfg: ModelConfig, ds_config: dict):
                 local_files_only=True,
             )
         except OSError as e:  # no config.json / weights in the folder
-            raise ConfigError(
-                f"model.path: cannot load a model from {path}: {_first_line(e)}"
-            ) from None
+            raise ConfigError(f"model.path: cannot load a model from {path}: {_first_line(e)}") from None
     else:
         inline = dict(cfg.config or {})
         model_type = inline.pop("model_type")
@@ -162,8 +154,7 @@ class _TokenNLL(torch.autograd.Function):
         buf = torch.empty(min(step, n), vocab, dtype=torch.float32, device=logits.device)
         nll = torch.empty(n, dtype=torch.float32, device=logits.device)
         for s in range(0, n, step):
-            logp = torch.log_softmax(logits[s : s + step], -1, dtype=torch.float32,
-                                     out=buf[: min(step, n - s)])  # fmt: skip
+            logp = torch.log_softmax(logits[s : s + step], -1, dtype=torch.float32, out=buf[: min(step, n - s)])
             nll[s : s + step] = logp.gather(1, safe[s : s + step]).squeeze(1).neg_()
         ctx.save_for_backward(logits, targets)
         return nll.masked_fill_(targets == -100, 0.0)
@@ -176,8 +167,7 @@ class _TokenNLL(torch.autograd.Function):
         safe, g = targets.clamp(min=0)[:, None], grad_nll.float()[:, None]
         grad = torch.empty_like(logits)
         direct = logits.dtype == torch.float32
-        buf = None if direct else torch.empty(min(step, n), vocab, dtype=torch.float32,
-                                              device=logits.device)  # fmt: skip
+        buf = None if direct else torch.empty(min(step, n), vocab, dtype=torch.float32, device=logits.device)
         for s in range(0, n, step):
             out = grad[s : s + step] if direct else buf[: min(step, n - s)]
             p = torch.softmax(logits[s : s + step], -1, dtype=torch.float32, out=out)
@@ -278,9 +268,7 @@ def packed_forward(model, batch: dict[str, Tensor], key: str = "data.packing") -
     attention = attention_implementation(model)
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     if attention in PACKED_VARLEN_ATTENTION:
-        logits = model(
-            input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1)
-        ).logits
+        logits = model(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1)).logits
         return logits.reshape(*input_ids.shape, -1)
     if attention not in PACKED_MASK_ATTENTION:
         raise ConfigError(
@@ -292,9 +280,7 @@ def packed_forward(model, batch: dict[str, Tensor], key: str = "data.packing") -
     return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
 
 
-def packed_sample_nll(
-    logits: Tensor, labels: Tensor, segment_ids: Tensor, num_samples: int
-) -> tuple[Tensor, Tensor]:
+def packed_sample_nll(logits: Tensor, labels: Tensor, segment_ids: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
     """Per-sample mean next-token NLL of packed rows, in fp32 (the packed `per_sample_nll`).
 
     Token t's target labels[t+1] counts for sample segment_ids[t+1] only if it is supervised and

@@ -93,8 +93,7 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
         raise ObserveError(f"run directory {path} does not exist")
     if not RunDir(path).metrics.is_file() and not RunDir(path).samples.is_dir():
         raise ObserveError(
-            f"{path} is not an irdro run directory (no {METRICS_FILE} or {SAMPLES_DIR}/); pass the "
-            "recipe's output_dir"
+            f"{path} is not an irdro run directory (no {METRICS_FILE} or {SAMPLES_DIR}/); pass the recipe's output_dir"
         )
     return path
 
@@ -118,9 +117,7 @@ def dump_files(run_dir: str | os.PathLike) -> dict[int, Path]:
     return files
 
 
-def load_dumps(
-    run_dir: str | os.PathLike, step: int | None = None, progress: bool = False
-) -> Dumps:
+def load_dumps(run_dir: str | os.PathLike, step: int | None = None, progress: bool = False) -> Dumps:
     """Read a run's per-sample dumps (all of them, or only `step`'s).
 
     Args:
@@ -135,13 +132,10 @@ def load_dumps(
     if step is not None:
         if step not in files:
             raise ObserveError(
-                f"no dump for step {step} in {RunDir(run_dir).samples}; dumped steps: "
-                f"{_describe_steps(list(files))}"
+                f"no dump for step {step} in {RunDir(run_dir).samples}; dumped steps: {_describe_steps(list(files))}"
             )
         files = {step: files[step]}
-    cols: dict[str, list] = {
-        k: [] for k in ("step", "window", "sample_id", "rank", "loss", "weight")
-    }
+    cols: dict[str, list] = {k: [] for k in ("step", "window", "sample_id", "rank", "loss", "weight")}
     from tqdm.auto import tqdm
 
     for file in tqdm(
@@ -272,14 +266,11 @@ def summarise(dumps: Dumps, metrics: list[dict[str, Any]]) -> str:
         f"max weight x window size {dumps.rel_weight.max():.2f} (1 = uniform)",
     ]
     if dumps.num_skipped_windows:
-        lines.append(
-            f"skipped: {dumps.num_skipped_windows} windows with a non-finite loss left out"
-        )
+        lines.append(f"skipped: {dumps.num_skipped_windows} windows with a non-finite loss left out")
     ess = [m["ess"] for m in metrics if isinstance(m.get("ess"), int | float)]
     if ess:
         lines.append(
-            f"metrics: {len(ess)} logged steps, ESS median {np.median(ess):.2f} "
-            f"(min {min(ess):.2f}) of the window"
+            f"metrics: {len(ess)} logged steps, ESS median {np.median(ess):.2f} (min {min(ess):.2f}) of the window"
         )
     return "\n".join(lines)
 
@@ -333,7 +324,7 @@ def pick_samples(dumps: Dumps, k: int) -> dict[str, list[Pick]]:
                     float(dumps.weight[i]),
                     int(dumps.window_size[i]),
                     float(dumps.excess[i]),
-                )  # fmt: skip
+                )
             )
             if len(picks) == k:
                 break
@@ -435,9 +426,7 @@ def _figure(**kwargs: Any):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ObserveError(
-            "matplotlib is not installed; pip install 'matplotlib>=3.8' (or -e '.[plot]')"
-        ) from None
+        raise ObserveError("matplotlib is not installed; pip install 'matplotlib>=3.8' (or -e '.[plot]')") from None
     return Figure(**kwargs)  # Agg canvas on savefig; no pyplot, no global state
 
 
@@ -454,12 +443,25 @@ def plot_weight_vs_loss(ax: Any, dumps: Dumps) -> None:
     floor = lo / 3 if log_scale else 0.0
     by_step = len(np.unique(step)) > 1  # one step: plain colours, no colour bar
     colour = {"cmap": "viridis", "vmin": int(step.min()), "vmax": int(step.max())}
-    sc = ax.scatter(loss[pos], weight[pos], s=12, alpha=0.7, linewidths=0, rasterized=True,
-                    **({"c": step[pos], **colour} if by_step else {"color": "tab:blue"}))  # fmt: skip
+    sc = ax.scatter(
+        loss[pos],
+        weight[pos],
+        s=12,
+        alpha=0.7,
+        linewidths=0,
+        rasterized=True,
+        **({"c": step[pos], **colour} if by_step else {"color": "tab:blue"}),
+    )
     if (~pos).any():
-        ax.scatter(loss[~pos], np.full(int((~pos).sum()), floor), marker="x", s=16, linewidths=0.8,
-                   label=f"weight 0 (discarded): {int((~pos).sum())}",
-                   **({"c": step[~pos], **colour} if by_step else {"color": "tab:red"}))  # fmt: skip
+        ax.scatter(
+            loss[~pos],
+            np.full(int((~pos).sum()), floor),
+            marker="x",
+            s=16,
+            linewidths=0.8,
+            label=f"weight 0 (discarded): {int((~pos).sum())}",
+            **({"c": step[~pos], **colour} if by_step else {"color": "tab:red"}),
+        )
     if log_scale:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -474,8 +476,9 @@ def plot_weight_vs_loss(ax: Any, dumps: Dumps) -> None:
         ax.figure.colorbar(sc, ax=ax, label="step", pad=0.01)
     shown = "" if by_step else f" at step {int(step[0])}"
     shown += "" if idx.size == len(dumps) else f" ({idx.size} of {len(dumps)} shown)"
-    ax.set(xlabel="per-sample loss", ylabel="weight p_i" + (" (log)" if log_scale else ""),
-           title=f"weight vs loss{shown}")  # fmt: skip
+    ax.set(
+        xlabel="per-sample loss", ylabel="weight p_i" + (" (log)" if log_scale else ""), title=f"weight vs loss{shown}"
+    )
 
 
 def loss_groups(dumps: Dumps) -> dict[str, np.ndarray]:
@@ -511,13 +514,16 @@ def plot_loss_by_weight(ax: Any, dumps: Dumps) -> None:
     finite = dumps.excess[np.isfinite(dumps.excess)]
     bins = np.histogram_bin_edges(finite, bins=min(50, max(10, int(np.sqrt(finite.size)))))
     groups = [(name, mask) for name, mask in loss_groups(dumps).items() if mask.any()]
-    ax.hist([dumps.excess[m] for _, m in groups], bins=bins, stacked=True,
-            color=[colours[n] for n, _ in groups],
-            label=[f"{n}: {int(m.sum())}" for n, m in groups])  # fmt: skip
+    ax.hist(
+        [dumps.excess[m] for _, m in groups],
+        bins=bins,
+        stacked=True,
+        color=[colours[n] for n, _ in groups],
+        label=[f"{n}: {int(m.sum())}" for n, m in groups],
+    )
     ax.axvline(0.0, color="grey", ls="--", lw=0.8)
     ax.legend(fontsize=8)
-    ax.set(xlabel="loss − mean loss of its window", ylabel="samples (stacked)",
-           title="loss by weight group")  # fmt: skip
+    ax.set(xlabel="loss − mean loss of its window", ylabel="samples (stacked)", title="loss by weight group")
 
 
 def _series(metrics: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -526,17 +532,14 @@ def _series(metrics: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.nda
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
-def plot_ess(ax: Any, metrics: list[dict[str, Any]], window_size: float | None = None,
-             step: int | None = None) -> None:  # fmt: skip
+def plot_ess(ax: Any, metrics: list[dict[str, Any]], window_size: float | None = None, step: int | None = None) -> None:
     """ESS (fraction of the window) and max weight over steps, on one [0, 1] axis."""
-    for key, label, colour in (("ess", "ESS / |W|", "tab:green"),
-                               ("max_weight", "max weight", "tab:purple")):  # fmt: skip
+    for key, label, colour in (("ess", "ESS / |W|", "tab:green"), ("max_weight", "max weight", "tab:purple")):
         x, y = _series(metrics, key)
         if x.size:
             ax.plot(x, y, marker=".", ms=4, lw=1.2, color=colour, label=label)
     if window_size:
-        ax.axhline(1.0 / window_size, color="tab:purple", ls=":", lw=0.8,
-                   label=f"uniform weight 1/{window_size:g}")  # fmt: skip
+        ax.axhline(1.0 / window_size, color="tab:purple", ls=":", lw=0.8, label=f"uniform weight 1/{window_size:g}")
     skipped = [m["step"] for m in metrics if m.get("skipped")]
     if skipped:
         ax.plot(skipped, [0.0] * len(skipped), "rx", label="skipped step")
@@ -549,9 +552,11 @@ def plot_ess(ax: Any, metrics: list[dict[str, Any]], window_size: float | None =
 
 def plot_losses(ax: Any, metrics: list[dict[str, Any]], step: int | None = None) -> None:
     """Plain mean loss, weighted loss (what is optimised) and eval loss over steps."""
-    for key, label, style in (("loss", "loss (plain mean)", "-"),
-                              ("weighted_loss", "weighted loss  Σ p_i l_i", "-"),
-                              ("eval_loss", "eval loss", "o--")):  # fmt: skip
+    for key, label, style in (
+        ("loss", "loss (plain mean)", "-"),
+        ("weighted_loss", "weighted loss  Σ p_i l_i", "-"),
+        ("eval_loss", "eval loss", "o--"),
+    ):
         x, y = _series(metrics, key)
         if x.size:
             ax.plot(x, y, style, ms=4, lw=1.2, label=label)

@@ -49,10 +49,7 @@ def _how_model(key: str, value: str) -> str:
             f"irdro never downloads from the model hub: `hf download {value} --local-dir {local}`, "
             f"then set {key}={local}"
         )
-    return (
-        "it must be a local Hugging Face folder (irdro never downloads): "
-        f"`hf download ORG/NAME --local-dir {value}`"
-    )
+    return f"it must be a local Hugging Face folder (irdro never downloads): `hf download ORG/NAME --local-dir {value}`"
 
 
 def _how_data(value: str, tokenizer: str) -> str:
@@ -63,10 +60,7 @@ def _how_data(value: str, tokenizer: str) -> str:
             f"make it with `python tools/prepare_data.py --input FILE --tokenizer {tokenizer} "
             f"--output {p.parent} --eval-fraction 0.1`"
         )
-    return (
-        f"make it with `python tools/prepare_data.py --input FILE --tokenizer {tokenizer} "
-        f"--output {value}`"
-    )
+    return f"make it with `python tools/prepare_data.py --input FILE --tokenizer {tokenizer} --output {value}`"
 
 
 def how_to_make(key: str, value: str, tokenizer: str | None = None) -> str:

@@ -77,8 +77,7 @@ SKIP_REASONS = {
     "bad_record": "a record with a missing or mistyped field, skipped with --skip-bad",
     "empty": "empty or whitespace-only text",
     "too_short": "fewer than 2 supervised tokens (e.g. an empty response)",
-    "truncated_response": "--long-docs truncate cut away the response (fewer than 2 supervised "
-    "tokens left)",
+    "truncated_response": "--long-docs truncate cut away the response (fewer than 2 supervised tokens left)",
 }
 
 _MAP_BATCH_CHARS = 1 << 20  # text per tokenisation batch: bounds a worker's memory
@@ -147,8 +146,7 @@ def resolve_inputs(inputs: Sequence[str], format: str = "text") -> list[Path]:
             found = [path] if _is_saved_dataset(path) else _walk(path)
             if not found:
                 raise DataError(
-                    f"input directory {path} has no {'/'.join(INPUT_SUFFIXES)} files and is not a "
-                    "save_to_disk dataset"
+                    f"input directory {path} has no {'/'.join(INPUT_SUFFIXES)} files and is not a save_to_disk dataset"
                 )
         elif path.is_file():
             found = [path]
@@ -227,9 +225,7 @@ def _json_records(file: Path) -> Iterator[tuple[str, Any]]:
         yield f"{file}:{e.lineno}", Malformed(f"{file}:{e.lineno}: malformed JSON ({e.msg})")
         return
     if not isinstance(records, list):
-        raise DataError(
-            f"{file}: a .json input must be a list of records; use .jsonl for one record per line"
-        )
+        raise DataError(f"{file}: a .json input must be a list of records; use .jsonl for one record per line")
     for i, record in enumerate(records):
         yield f"{file}[record {i}]", record
 
@@ -257,9 +253,7 @@ def _dataset_records(path: Path, split: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: cannot load the saved dataset ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(
-                f"{path}: dataset has splits {', '.join(ds)}, not '{split}'; pass --split"
-            )
+            raise DataError(f"{path}: dataset has splits {', '.join(ds)}, not '{split}'; pass --split")
         ds = ds[split]
     row = 0
     for batch in ds.with_format("arrow").iter(batch_size=_RECORD_BATCH_ROWS):
@@ -300,11 +294,7 @@ def normalize_record(record: Any, format: str, text_field: str = "text") -> dict
         _BadRecord: naming the missing or mistyped field.
     """
     if format == "text":
-        text = (
-            record
-            if isinstance(record, str)
-            else _string_field(record, text_field, hint="; pass --text-field")
-        )
+        text = record if isinstance(record, str) else _string_field(record, text_field, hint="; pass --text-field")
         return {"text": text} if text.strip() else None
     if format == "alpaca":
         hint = "; an alpaca record needs 'instruction' and 'output' ('input' is optional)"
@@ -351,9 +341,7 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[s
         if m["role"] != "assistant":
             continue
         before, through = render(messages[:i], gen=True), render(messages[: i + 1])
-        if not (
-            before.startswith(done) and through.startswith(before) and full.startswith(through)
-        ):
+        if not (before.startswith(done) and through.startswith(before) and full.startswith(through)):
             raise ValueError(
                 f"the chat template is not prefix-stable at messages[{i}] (rendering the "
                 "conversation up to an assistant turn is not a prefix of the whole), so the "
@@ -379,9 +367,7 @@ class Encoder:
     def _encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return self.tokenizer(
-            texts, add_special_tokens=False, return_attention_mask=False, verbose=False
-        )["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         eos = [] if self.eos is None else [self.eos]
@@ -390,9 +376,7 @@ class Encoder:
             return {"input_ids": ids, "error": [None] * len(ids)}
         if self.format == "alpaca":
             prompts = [
-                (ALPACA_TEMPLATE if inp.strip() else ALPACA_TEMPLATE_NO_INPUT).format(
-                    instruction=ins, input=inp
-                )
+                (ALPACA_TEMPLATE if inp.strip() else ALPACA_TEMPLATE_NO_INPUT).format(instruction=ins, input=inp)
                 for ins, inp in zip(batch["instruction"], batch["input"], strict=True)
             ]
             n = len(prompts)
@@ -540,8 +524,7 @@ class _RecordFile:
         if self._rows:
             pool = _memory_pool()
             columns = [
-                pa.array([row[f.name] for row in self._rows], type=f.type, memory_pool=pool)
-                for f in self.schema
+                pa.array([row[f.name] for row in self._rows], type=f.type, memory_pool=pool) for f in self.schema
             ]
             self._writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self.schema))
         self._rows, self._chars = [], 0
@@ -558,9 +541,7 @@ def _num_chars(row: dict[str, Any]) -> int:
     return sum(len(v) for v in row.values())
 
 
-def _tokenise(
-    records: _RecordFile, encoder: Encoder, work: Path, num_proc: int, progress: bool
-) -> list[str]:
+def _tokenise(records: _RecordFile, encoder: Encoder, work: Path, num_proc: int, progress: bool) -> list[str]:
     """Stage 2: ``datasets.map`` over the record file; returns the output Arrow files in order."""
     import datasets
     from datasets import Features, Sequence, Value
@@ -830,9 +811,7 @@ def _read(
     records = _RecordFile(work / "records.arrow", format)
     try:
         stream = iter_records(sources, split)
-        for doc_id, (loc, record) in enumerate(
-            tqdm(stream, desc="reading", unit="rec", disable=not progress)
-        ):
+        for doc_id, (loc, record) in enumerate(tqdm(stream, desc="reading", unit="rec", disable=not progress)):
             writer = writer_of(doc_id)
             if isinstance(record, Malformed):
                 if not skip_bad:

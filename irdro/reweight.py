@@ -28,9 +28,7 @@ def register(name: str) -> Callable[[SchemeFn], SchemeFn]:
     """Register a scheme `fn(losses, **params) -> weights` under `name`, an `irdro.config.SCHEMES` key
     whose `params` are `fn`'s keyword parameters."""
     if name not in SCHEMES:
-        raise ValueError(
-            f"scheme {name!r} has no irdro.config.SCHEMES entry; add one naming its parameters"
-        )
+        raise ValueError(f"scheme {name!r} has no irdro.config.SCHEMES entry; add one naming its parameters")
 
     def deco(fn: SchemeFn) -> SchemeFn:
         _REGISTRY[name] = fn
@@ -58,16 +56,12 @@ def compute_weights(losses: Tensor, scheme: str, **params: float) -> Tensor:
         ValueError: unknown scheme, empty or non-finite losses, or an empty MidRanking band.
     """
     if scheme not in _REGISTRY:
-        raise ValueError(
-            f"unknown reweighting scheme {scheme!r}; registered: {', '.join(_REGISTRY)}"
-        )
+        raise ValueError(f"unknown reweighting scheme {scheme!r}; registered: {', '.join(_REGISTRY)}")
     if losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(f"losses must be a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
     losses = losses.detach().float()
     if not torch.isfinite(losses).all():
-        raise ValueError(
-            "losses contain non-finite values; the step must be skipped, not reweighted"
-        )
+        raise ValueError("losses contain non-finite values; the step must be skipped, not reweighted")
     return _REGISTRY[scheme](losses, **params)
 
 
@@ -111,8 +105,7 @@ def midrank(losses: Tensor, frac: float = 0.5, portion: int = 1) -> Tensor:
     lo, hi = portion * c, (portion + 1) * c
     if c < 1 or hi > n:
         raise ValueError(
-            f"MidRanking band [{lo}, {hi}) is empty or outside a window of {n} samples "
-            f"(frac={frac}, portion={portion})"
+            f"MidRanking band [{lo}, {hi}) is empty or outside a window of {n} samples (frac={frac}, portion={portion})"
         )
     w = torch.zeros_like(losses)
     w[_descending_order(losses)[lo:hi]] = 1.0 / c
@@ -123,9 +116,7 @@ TRANSFORMS = ("linear", "quadratic_mid", "extremes")
 
 
 @register("transform")
-def transform(
-    losses: Tensor, lam: float = 1.0, transform: str = "linear", delta: float = 1.0
-) -> Tensor:
+def transform(losses: Tensor, lam: float = 1.0, transform: str = "linear", delta: float = 1.0) -> Tensor:
     """The follow-up work's loss transforms before the softmax: rescale the window's losses to
     x in [-delta, delta] by min/max, then g(x) = x (`linear`, IR-DRO on rescaled losses),
     1 - x^2/delta^2 (`quadratic_mid`: favour the middle of the loss range) or x^2/delta^2

@@ -236,8 +236,7 @@ class Manifest:
             splits = [s for s in ("train", "eval") if (path / s / MANIFEST_NAME).is_file()]
             if splits:
                 raise DataError(
-                    f"{path} holds split datasets ({', '.join(splits)}), not shards; "
-                    f"pass {path / splits[0]} instead"
+                    f"{path} holds split datasets ({', '.join(splits)}), not shards; pass {path / splits[0]} instead"
                 )
             raise DataError(f"{file} not found, so {path} is not a shard directory; {hint}")
         try:
@@ -278,9 +277,7 @@ class Manifest:
             raise DataError(f"{file}: dtype {data['dtype']!r} must be 'uint16' or 'uint32'")
         for key, types in _TYPES.items():
             value = data.get(key)
-            if value is not None and (
-                not isinstance(value, types) or isinstance(value, bool) != (bool in types)
-            ):
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool) != (bool in types)):
                 raise DataError(f"{file}: '{key}' is {type(value).__name__} {value!r}; {redo}")
         tokenizer = data.get("tokenizer", {})
         if not isinstance(tokenizer, dict) or set(tokenizer) - {"name", "hash"}:
@@ -305,21 +302,15 @@ class Manifest:
                     int(entry["num_samples"]),
                     int(entry["num_tokens"]),
                     dict(entry["sha256"]),
-                )  # fmt: skip
+                )
             )
         template = data.get("chat_template")
-        if template is not None and chat_template_sha256(template) != data.get(
-            "chat_template_sha256"
-        ):
-            raise DataError(
-                f"{file}: 'chat_template' does not match 'chat_template_sha256' (edited by hand?); {redo}"
-            )
+        if template is not None and chat_template_sha256(template) != data.get("chat_template_sha256"):
+            raise DataError(f"{file}: 'chat_template' does not match 'chat_template_sha256' (edited by hand?); {redo}")
         manifest = cls(**{**data, "tokenizer": TokenizerInfo(**tokenizer), "shards": shards})
         total = sum(s.num_samples for s in manifest.shards)
         if total != manifest.num_samples:
-            raise DataError(
-                f"{file}: num_samples is {manifest.num_samples} but the shards list {total}; {redo}"
-            )
+            raise DataError(f"{file}: num_samples is {manifest.num_samples} but the shards list {total}; {redo}")
         return manifest
 
     def to_dict(self) -> dict[str, Any]:
@@ -359,9 +350,16 @@ class Manifest:
 
 _REQUIRED_KEYS = ("format_version", "dtype", "vocab_size", "num_samples", "num_tokens", "shards")
 _OPTIONAL_KEYS = frozenset(
-    ("long_docs", "num_truncated", "num_dropped_chunks", "prompt_template", "chat_template_sha256",
-     "chat_template", "train_on_prompt")
-)  # fmt: skip
+    (
+        "long_docs",
+        "num_truncated",
+        "num_dropped_chunks",
+        "prompt_template",
+        "chat_template_sha256",
+        "chat_template",
+        "train_on_prompt",
+    )
+)
 _COUNTERS = ("num_truncated", "num_dropped_chunks")
 _TYPES: dict[str, tuple[type, ...]] = {
     "format_version": (int,),
@@ -565,9 +563,7 @@ def _load_npy(file: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray
     try:
         array = np.load(file, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise DataError(
-            f"{file}: not a readable .npy file ({e}); re-run tools/prepare_data.py"
-        ) from None
+        raise DataError(f"{file}: not a readable .npy file ({e}); re-run tools/prepare_data.py") from None
     if array.shape != shape or array.dtype.newbyteorder("=") != dtype.newbyteorder("="):
         raise DataError(
             f"{file}: has shape {array.shape} {array.dtype}, the manifest says {shape} {dtype}; "
@@ -588,9 +584,7 @@ def _check_index(file: Path, index: np.ndarray, num_tokens: int) -> None:
     if len(rows) == 0:
         return
     starts, ends = rows[:, 0], rows[:, 1]
-    bad = np.flatnonzero(
-        (starts >= ends) | (rows[:, 2] < 0) | (rows[:, 3] < 0) | (ends > num_tokens)
-    ).tolist()
+    bad = np.flatnonzero((starts >= ends) | (rows[:, 2] < 0) | (rows[:, 3] < 0) | (ends > num_tokens)).tolist()
     bad += (np.flatnonzero(starts[1:] != ends[:-1]) + 1).tolist()
     if starts[0] != 0:
         bad.append(0)
@@ -673,9 +667,7 @@ class ShardWriter:
             known = {f.name for f in dataclasses.fields(Manifest)}
             if set(clash) & known:
                 raise ValueError(f"meta keys {clash} would shadow manifest keys")
-            raise ValueError(
-                f"meta keys {clash} are not manifest keys ({', '.join(sorted(_OPTIONAL_KEYS))})"
-            )
+            raise ValueError(f"meta keys {clash} are not manifest keys ({', '.join(sorted(_OPTIONAL_KEYS))})")
         self._manifest = Manifest(
             format_version=FORMAT_VERSION,
             format=format,
@@ -693,11 +685,7 @@ class ShardWriter:
         )
         self._shards: list[ShardEntry] = []
         self._num_skipped = dict.fromkeys(skip_reasons, 0)
-        self._counters = {
-            k: getattr(self._manifest, k)
-            for k in _COUNTERS
-            if getattr(self._manifest, k) is not None
-        }
+        self._counters = {k: getattr(self._manifest, k) for k in _COUNTERS if getattr(self._manifest, k) is not None}
         self._num_docs = 0
         self._last_doc_id: int | None = None
         self._tmp: Path | None = fsio.make_staging_dir(self.output_dir)
@@ -738,9 +726,7 @@ class ShardWriter:
             raise RuntimeError("ShardWriter is already finalized or aborted")
         arr = np.asarray(tokens)
         if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(
-                f"tokens must be a non-empty 1-D integer array, got {arr.shape} {arr.dtype}"
-            )
+            raise ValueError(f"tokens must be a non-empty 1-D integer array, got {arr.shape} {arr.dtype}")
         if doc_id < 0 or chunk_id < 0:
             raise ValueError(f"doc_id and chunk_id must be >= 0, got {doc_id}, {chunk_id}")
         lo, hi = int(arr.min()), int(arr.max())
@@ -915,12 +901,20 @@ def check_compatible(
                 f"{key}: shards were tokenised with {data.manifest.tokenizer.name} "
                 f"(hash {str(got)[:12]}) but the model's tokenizer is {tokenizer.name_or_path} "
                 f"(hash {want[:12]}); re-run tools/prepare_data.py with the model's tokenizer",
-                key=key, kind="tokenizer", found=got, expected=want,
-            )  # fmt: skip
+                key=key,
+                kind="tokenizer",
+                found=got,
+                expected=want,
+            )
         vocab = data.manifest.vocab_size
         if model_vocab is not None and vocab > model_vocab:
-            raise ShardMismatch(f"{key}: shard vocab {vocab} > model vocab {model_vocab}",
-                                key=key, kind="vocab", found=vocab, expected=model_vocab)  # fmt: skip
+            raise ShardMismatch(
+                f"{key}: shard vocab {vocab} > model vocab {model_vocab}",
+                key=key,
+                kind="vocab",
+                found=vocab,
+                expected=model_vocab,
+            )
     return adopted
 
 
@@ -938,8 +932,11 @@ def _check_chat_template(tokenizer: Any, shards: dict[str, ShardDataset]) -> str
                 f"{other_key}: shards were prepared with chat template sha256 "
                 f"{str(other.chat_template_sha256)[:12]} ({other.path}) but {key}'s with {want[:12]} "
                 f"({data.path}); prepare both with the same tokenizer and --chat-template",
-                key=other_key, kind="chat_template", found=other.chat_template_sha256, expected=want,
-            )  # fmt: skip
+                key=other_key,
+                kind="chat_template",
+                found=other.chat_template_sha256,
+                expected=want,
+            )
     tok_dir = tokenizer.name_or_path
     if not tokenizer.chat_template:
         template = next((d.chat_template for d in chat.values() if d.chat_template), None)
@@ -949,8 +946,11 @@ def _check_chat_template(tokenizer: Any, shards: dict[str, ShardDataset]) -> str
                 f"{tok_dir} has none, and {data.path}/manifest.json holds only the hash (an older "
                 "irdro); re-run tools/prepare_data.py, or point model.tokenizer at a tokenizer "
                 "folder whose tokenizer_config.json has that template",
-                key=key, kind="chat_template", found=want, expected=None,
-            )  # fmt: skip
+                key=key,
+                kind="chat_template",
+                found=want,
+                expected=None,
+            )
         tokenizer.chat_template = template
         return key
     have = chat_template_sha256(tokenizer.chat_template)
@@ -960,8 +960,11 @@ def _check_chat_template(tokenizer: Any, shards: dict[str, ShardDataset]) -> str
             f"the tokenizer {tok_dir} has chat template sha256 {have[:12]}; point model.tokenizer "
             "at the tokenizer folder the shards were prepared with, or re-run "
             "tools/prepare_data.py --chat-template FILE with this tokenizer's template",
-            key=key, kind="chat_template", found=want, expected=have,
-        )  # fmt: skip
+            key=key,
+            kind="chat_template",
+            found=want,
+            expected=have,
+        )
     return None
 
 

@@ -42,8 +42,9 @@ class Run:
         return self.ranks[0].records
 
 
-def spawn_ranks(args: list[str], world_size: int, logdir: Path, *, env: dict | None = None,
-                timeout: float = 300.0) -> list[int]:  # fmt: skip
+def spawn_ranks(
+    args: list[str], world_size: int, logdir: Path, *, env: dict | None = None, timeout: float = 300.0
+) -> list[int]:
     """Run `python *args` as `world_size` local gloo ranks and wait for them; their exit codes.
 
     Each rank gets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* for one fresh local port, one thread,
@@ -54,10 +55,18 @@ def spawn_ranks(args: list[str], world_size: int, logdir: Path, *, env: dict | N
     port = free_port()
     procs = []
     for rank in range(world_size):
-        penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                "PYTHONFAULTHANDLER": "1"}  # fmt: skip
+        penv = {
+            **os.environ,
+            **(env or {}),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONFAULTHANDLER": "1",
+        }
         cmd = [sys.executable, *(a.replace("{rank}", str(rank)) for a in args)]
         logf = open(logdir / f"log{rank}.txt", "w")  # closed below
         procs.append((subprocess.Popen(cmd, env=penv, stdout=logf, stderr=subprocess.STDOUT), logf))
@@ -75,8 +84,16 @@ def spawn_ranks(args: list[str], world_size: int, logdir: Path, *, env: dict | N
     return [p.returncode for p, _ in procs]
 
 
-def run_ranks(recipe: dict, world_size: int, *, nan_at: list[tuple[int, int]] = (), probe: bool = False,
-              record: bool = False, timeout: float = 300.0, env: dict | None = None) -> Run:  # fmt: skip
+def run_ranks(
+    recipe: dict,
+    world_size: int,
+    *,
+    nan_at: list[tuple[int, int]] = (),
+    probe: bool = False,
+    record: bool = False,
+    timeout: float = 300.0,
+    env: dict | None = None,
+) -> Run:
     """`_run_ranks`, tried once more on a fresh port when the rendezvous port was taken in between
     (free_port() releases it before the ranks bind it; another process can grab it)."""
     kw = dict(nan_at=nan_at, probe=probe, record=record, timeout=timeout, env=env)
@@ -120,14 +137,21 @@ def _run_ranks(
                 }
             )
         )
-        codes = spawn_ranks(["-m", "irdro.testing", str(spec)], world_size, Path(tmp), env=env,
-                            timeout=timeout)  # fmt: skip
+        codes = spawn_ranks(["-m", "irdro.testing", str(spec)], world_size, Path(tmp), env=env, timeout=timeout)
         ranks = []
         for rank, code in enumerate(codes):
             res = Path(tmp) / f"rank{rank}.json"
             data = json.loads(res.read_text()) if res.exists() else {"records": [], "error": None}
-            ranks.append(RankRun(code, data["records"], data["error"], (Path(tmp) / f"log{rank}.txt").read_text(),
-                                 data.get("modes", []), data.get("losses", [])))  # fmt: skip
+            ranks.append(
+                RankRun(
+                    code,
+                    data["records"],
+                    data["error"],
+                    (Path(tmp) / f"log{rank}.txt").read_text(),
+                    data.get("modes", []),
+                    data.get("losses", []),
+                )
+            )
         sd_path = Path(tmp) / "state_dict.pt"
         sd = torch.load(sd_path) if sd_path.exists() else None
         probe_path = Path(tmp) / "probe_logits.pt"
@@ -149,9 +173,7 @@ def _worker(spec_path: str) -> int:
 
     def losses_hook(step: int, micro: int, losses: torch.Tensor) -> torch.Tensor:
         if record:
-            out["losses"].append(
-                [step, micro, torch.is_grad_enabled(), losses.detach().cpu().tolist()]
-            )
+            out["losses"].append([step, micro, torch.is_grad_enabled(), losses.detach().cpu().tolist()])
         if (step, rank) in nan_at and micro == 0:
             losses = losses.clone()
             losses[0] = math.nan

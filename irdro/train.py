@@ -113,8 +113,13 @@ class StepStats:
 
     def metrics(self) -> dict[str, float | int]:
         """The step's own metrics.jsonl fields."""
-        return {"loss": self.loss, "weighted_loss": self.weighted_loss, "ess": self.ess,
-                "max_weight": self.max_weight, "skipped": self.skipped}  # fmt: skip
+        return {
+            "loss": self.loss,
+            "weighted_loss": self.weighted_loss,
+            "ess": self.ess,
+            "max_weight": self.max_weight,
+            "skipped": self.skipped,
+        }
 
 
 def seed_everything(seed: int) -> None:
@@ -130,18 +135,14 @@ def forward_losses(engine, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     document segment."""
     if "segment_ids" in batch:
         logits = packed_forward(engine, batch)
-        return packed_sample_nll(
-            logits, batch["labels"], batch["segment_ids"], batch["sample_ids"].numel()
-        )
+        return packed_sample_nll(logits, batch["labels"], batch["segment_ids"], batch["sample_ids"].numel())
     logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return per_sample_nll(logits, batch["labels"])
 
 
 def rng_state_of(device: torch.device) -> tuple[Tensor, Tensor | None]:
     """The CPU generator's state and, on an accelerator, `device`'s generator state (dropout)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(
-        device
-    ) if device.type == "cuda" else None
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def set_rng_state_of(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
@@ -150,8 +151,9 @@ def set_rng_state_of(device: torch.device, state: tuple[Tensor, Tensor | None]) 
         torch.cuda.set_rng_state(state[1], device)
 
 
-def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, step: int,
-               loss_hook: LossHook | None = None) -> StepStats:  # fmt: skip
+def train_step(
+    engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, step: int, loss_hook: LossHook | None = None
+) -> StepStats:
     """One optimizer step: weights per window, `DP (x GA) * sum p_i l_i` backward, engine.step()."""
     if not engine.module.training:  # dropout and gradient checkpointing depend on it
         raise RuntimeError("irdro bug: train_step called with the model in eval mode")
@@ -172,9 +174,16 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
             for m, b in enumerate(batches):
                 rng.append(rng_state_of(device))  # the grad forward replays it: same dropout masks
                 scored.append(losses_of(m, b))
-        windows.append(reweight_window(
-            torch.stack([x[0] for x in scored]), torch.stack([x[1].gt(0) for x in scored]),
-            torch.stack([b["sample_ids"] for b in batches]), cfg, step, scale))  # fmt: skip
+        windows.append(
+            reweight_window(
+                torch.stack([x[0] for x in scored]),
+                torch.stack([x[1].gt(0) for x in scored]),
+                torch.stack([b["sample_ids"] for b in batches]),
+                cfg,
+                step,
+                scale,
+            )
+        )
     tokens = 0
     for m, batch in enumerate(batches):
         if rng:
@@ -182,11 +191,7 @@ def train_step(engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, s
         losses, counts = losses_of(m, batch)
         if cfg.window == "micro":
             valid = counts.gt(0)
-            windows.append(
-                reweight_window(
-                    losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale
-                )
-            )
+            windows.append(reweight_window(losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale))
         win = windows[-1]
         coeffs = win.coeffs[0 if cfg.window == "micro" else m]
         if win.finite:
@@ -223,9 +228,7 @@ def evaluate(engine, data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def check_shards(
-    tokenizer, shards: dict[str, ShardDataset | None], model_vocab: int | None = None
-) -> None:
+def check_shards(tokenizer, shards: dict[str, ShardDataset | None], model_vocab: int | None = None) -> None:
     """`irdro.shards.check_compatible` as a recipe error: the shards must come from the model's
     tokenizer (and chat template, which a tokenizer without one adopts) and fit its vocabulary.
 
@@ -288,18 +291,14 @@ def setup(recipe: Recipe) -> Setup:
     """Data, tokenizer check, model, engine and (when a checkpoint exists) its resume state."""
     dp = dist.dp_size()
     tokenizer = load_tokenizer(recipe.model)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_data = ShardDataset(recipe.data.train)
     eval_data = ShardDataset(recipe.data.eval) if recipe.data.eval else None
     for d in (train_data, eval_data):
         if d is not None and recipe.data.verify_checksums:
             d.verify()
     ds_config = resolve_ds_config(recipe, dp)
-    point = dist.broadcast_object(
-        find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None
-    )
+    point = dist.broadcast_object(find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None)
     elastic = point is not None and point.world_size != dp
     if elastic:
         prepare_elastic(point)
@@ -314,9 +313,7 @@ def setup(recipe: Recipe) -> Setup:
     if point is not None:
         start = load_checkpoint(engine, point, elastic, recipe.global_batch(dp))["step"]
         truncate_metrics(recipe.output_dir, start)
-        log.info(
-            "resumed from %s at step %d%s", point.tag_dir, start, " (elastic)" if elastic else ""
-        )
+        log.info("resumed from %s at step %d%s", point.tag_dir, start, " (elastic)" if elastic else "")
     return Setup(engine, train_data, eval_data, pad_id, start)
 
 
@@ -345,8 +342,11 @@ def warn_layout_change(recipe: Recipe, old_dp: int, new_dp: int) -> None:
         log.warning(
             "resume on %d data-parallel ranks (checkpoint: %d): reweight.window micro now spans %d samples "
             "(was %d), so the weights change meaning; use reweight.window=step for a layout-independent window",
-            new_dp, old_dp, recipe.window_size(new_dp), recipe.micro_batch_size * old_dp,
-        )  # fmt: skip
+            new_dp,
+            old_dp,
+            recipe.window_size(new_dp),
+            recipe.micro_batch_size * old_dp,
+        )
 
 
 def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
@@ -359,9 +359,15 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
         hooks.after_setup(s)
     engine = s.engine
     batches = Batches(s.train_data, recipe, s.pad_id, dp_rank=dist.dp_rank(), dp_size=dist.dp_size())
-    logger = RankZeroLogger(recipe.output_dir, total_steps=recipe.max_steps, initial_step=s.start_step,
-                            tensorboard=recipe.log.tensorboard, progress=recipe.log.progress,
-                            wandb=recipe.log.wandb, config=recipe.to_dict())  # fmt: skip
+    logger = RankZeroLogger(
+        recipe.output_dir,
+        total_steps=recipe.max_steps,
+        initial_step=s.start_step,
+        tensorboard=recipe.log.tensorboard,
+        progress=recipe.log.progress,
+        wandb=recipe.log.wandb,
+        config=recipe.to_dict(),
+    )
     result = TrainResult(engine=engine, steps=s.start_step)
     engine.train()  # from_pretrained returns eval mode: dropout and gradient checkpointing need train
     if s.eval_data is not None and s.start_step == 0:
@@ -389,8 +395,10 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
             hooks.after_step(step, stats, record)
         consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
         if consecutive_skips >= recipe.max_consecutive_skips:
-            raise TrainingAborted(f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
-                                  f"(last at step {done}); lower optim.lr or check the data")  # fmt: skip
+            raise TrainingAborted(
+                f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
+                f"(last at step {done}); lower optim.lr or check the data"
+            )
         if every(done, recipe.checkpoint.every) and done < recipe.max_steps:
             save_step(engine, recipe, done)
     if recipe.checkpoint.at_end and result.steps > s.start_step:
@@ -405,17 +413,20 @@ def step_record(engine, stats: StepStats, step: int, lr: float, t0: float) -> di
     local_tokens = torch.tensor([stats.local_tokens], dtype=torch.float64, device=engine.device)
     tokens = int(dist.all_reduce_sum(local_tokens).item())
     grad_norm = engine.get_global_grad_norm()
-    return {"step": step, "lr": lr, **stats.metrics(), "tokens": tokens,
-            "tokens_per_s": tokens / (time.perf_counter() - t0),
-            "grad_norm": float(grad_norm) if grad_norm is not None else None}  # fmt: skip
+    return {
+        "step": step,
+        "lr": lr,
+        **stats.metrics(),
+        "tokens": tokens,
+        "tokens_per_s": tokens / (time.perf_counter() - t0),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+    }
 
 
 def save_step(engine, recipe: Recipe, step: int) -> None:
     """Checkpoint the engine after `step` optimizer steps, with the resume state. Call on every rank."""
     dp = dist.dp_size()
-    save_checkpoint(
-        engine, recipe.output_dir, step, client_state(recipe, step, dp), recipe.checkpoint.keep_last
-    )
+    save_checkpoint(engine, recipe.output_dir, step, client_state(recipe, step, dp), recipe.checkpoint.keep_last)
 
 
 def every(step: int, interval: int) -> bool:
@@ -432,25 +443,24 @@ def truncate_metrics(output_dir: str, step: int) -> None:
             dump.unlink()
     if not run.metrics.exists():
         return
-    keep = [
-        line
-        for line in run.metrics.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
+    keep = [line for line in run.metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     atomic_write_text(run.metrics, "".join(line + "\n" for line in keep))
 
 
 def client_state(recipe: Recipe, step: int, dp: int) -> dict:
     """Resume state stored in every checkpoint next to DeepSpeed's own."""
-    return {"step": step, "consumed_samples": step * recipe.global_batch(dp), "world_size": dp,
-            "recipe": recipe.to_dict(), "irdro_version": __version__}  # fmt: skip
+    return {
+        "step": step,
+        "consumed_samples": step * recipe.global_batch(dp),
+        "world_size": dp,
+        "recipe": recipe.to_dict(),
+        "irdro_version": __version__,
+    }
 
 
 def setup_logging() -> None:
     # DeepSpeed calls collectives torch has renamed; the warning repeats every step and says nothing to users.
-    warnings.filterwarnings(
-        "ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning
-    )
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\..*` is deprecated", category=FutureWarning)
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not os.environ.get("IRDRO_DS_VERBOSE"):
@@ -468,9 +478,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train a recipe: deepspeed --num_gpus 2 --module irdro.train RECIPE [a.b=value ...]",
     )
     add_recipe_arguments(parser)
-    parser.add_argument(
-        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
-    )  # set by the launcher
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return parser.parse_intermixed_args(argv)
 
 

@@ -61,9 +61,7 @@ def write_shards(
     return Path(path)
 
 
-def random_samples(
-    num: int, vocab_size: int = 1000, seed: int = 0, max_len: int = 40
-) -> list[np.ndarray]:
+def random_samples(num: int, vocab_size: int = 1000, seed: int = 0, max_len: int = 40) -> list[np.ndarray]:
     """``num`` random (L,) int64 token arrays with L in [2, max_len]."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab_size, size=int(rng.integers(2, max_len + 1))) for _ in range(num)]
@@ -75,10 +73,18 @@ def random_samples(
 # ================================================================= tiny models (tests/distributed)
 
 TINY_LLAMA = dict(
-    model_type="llama", vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256,
-)  # fmt: skip
+    model_type="llama",
+    vocab_size=50257,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
 
 
 def save_tiny_model(path: Path, **overrides) -> Path:
@@ -94,10 +100,20 @@ def save_tiny_model(path: Path, **overrides) -> Path:
 
 # An OPT-style model with dropout (OPT checkpoints ship dropout 0.1): what train/eval mode changes.
 TINY_OPT = dict(
-    model_type="opt", vocab_size=50257, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1,
-    pad_token_id=50256, bos_token_id=50256, eos_token_id=50256,
-)  # fmt: skip
+    model_type="opt",
+    vocab_size=50257,
+    hidden_size=32,
+    ffn_dim=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    word_embed_proj_dim=32,
+    dropout=0.1,
+    attention_dropout=0.1,
+    pad_token_id=50256,
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
 
 
 def save_tiny_opt(path: Path) -> Path:
@@ -115,21 +131,29 @@ def save_tiny_opt(path: Path) -> Path:
 
 
 def launcher() -> str:
-    path = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
-        "deepspeed"
-    )
+    path = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert path, "the deepspeed launcher is not installed"
     return path
 
 
-def smoke_command(
-    run_dir: Path, data: Path, tokenizer: Path, *overrides: str, port: int | None = None
-) -> list[str]:
+def smoke_command(run_dir: Path, data: Path, tokenizer: Path, *overrides: str, port: int | None = None) -> list[str]:
     """`deepspeed --num_gpus 2 --module irdro.train recipes/tiny/cpu_smoke.yaml ...` on test paths."""
     port = port or 29500 + os.getpid() % 1000
-    return [launcher(), "--num_gpus", "2", "--master_port", str(port), "--module", "irdro.train",
-            "recipes/tiny/cpu_smoke.yaml", f"output_dir={run_dir}", f"model.tokenizer={tokenizer}",
-            f"data.train={data / 'train'}", f"data.eval={data / 'eval'}", *overrides]  # fmt: skip
+    return [
+        launcher(),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        "--module",
+        "irdro.train",
+        "recipes/tiny/cpu_smoke.yaml",
+        f"output_dir={run_dir}",
+        f"model.tokenizer={tokenizer}",
+        f"data.train={data / 'train'}",
+        f"data.eval={data / 'eval'}",
+        *overrides,
+    ]
 
 
 # ===================================================================== end launcher (tests/e2e)

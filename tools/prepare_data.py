@@ -79,12 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="shard directory to create; with --eval-fraction > 0 it gets train/ and eval/",
     )
-    parser.add_argument(
-        "--format", choices=FORMATS, default="text", help="input format (default: text)"
-    )
-    parser.add_argument(
-        "--seq-len", type=int, default=512, help="max tokens per sample (default: 512)"
-    )
+    parser.add_argument("--format", choices=FORMATS, default="text", help="input format (default: text)")
+    parser.add_argument("--seq-len", type=int, default=512, help="max tokens per sample (default: 512)")
     parser.add_argument(
         "--long-docs",
         choices=LONG_DOCS,
@@ -149,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verify",
         metavar="DIR",
-        help="instead of preparing, re-hash an existing shard directory (or its train/ and eval/) "
-        "against its manifest",
+        help="instead of preparing, re-hash an existing shard directory (or its train/ and eval/) against its manifest",
     )
     return parser
 

@@ -19,8 +19,9 @@ def sonnet_shards(tmp_path_factory, gpt2_tokenizer_dir, sonnets_jsonl) -> Path:
     from irdro.prepare import prepare
 
     out = tmp_path_factory.mktemp("shards") / "sonnets"
-    prepare([str(sonnets_jsonl)], str(gpt2_tokenizer_dir), str(out), seq_len=48,
-                 eval_fraction=0.1, seed=0, progress=False)  # fmt: skip
+    prepare(
+        [str(sonnets_jsonl)], str(gpt2_tokenizer_dir), str(out), seq_len=48, eval_fraction=0.1, seed=0, progress=False
+    )
     assert json.loads((out / "train" / "manifest.json").read_text())["num_samples"] > 100
     return out
 

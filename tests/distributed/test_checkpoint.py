@@ -31,13 +31,34 @@ def test_export_round_trip_matches_training_logits(base_recipe, tmp_path, tied):
     from irdro.export import probe_tokens
 
     model_dir = save_tiny_model(tmp_path / "model", tie_word_embeddings=tied)
-    recipe = base_recipe(micro_batch_size=2, max_steps=2, model__path=str(model_dir),
-                         optim__name="adamw", optim__lr=1e-2, checkpoint__at_end=True)  # fmt: skip
+    recipe = base_recipe(
+        micro_batch_size=2,
+        max_steps=2,
+        model__path=str(model_dir),
+        optim__name="adamw",
+        optim__lr=1e-2,
+        checkpoint__at_end=True,
+    )
     run = ok(run_ranks(recipe, 2, probe=True))
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", recipe["output_dir"], "--output", str(out),
-                           "--dtype", "fp32", "--verify", "--no-progress", "--max-shard-size", "2MB"],
-                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_to_hf.py",
+            recipe["output_dir"],
+            "--output",
+            str(out),
+            "--dtype",
+            "fp32",
+            "--verify",
+            "--no-progress",
+            "--max-shard-size",
+            "2MB",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "verify: max |logit diff|" in proc.stdout
     assert (out / "model.safetensors.index.json").exists()  # sharded at 2MB
@@ -48,40 +69,35 @@ def test_export_round_trip_matches_training_logits(base_recipe, tmp_path, tied):
     with torch.no_grad():
         logits = model.eval()(probe_tokens(model.config.vocab_size)).logits
     diff = float((logits - run.probe_logits).abs().max())
-    print(
-        f"\nexport ({'tied' if tied else 'untied'}): max |logit diff| exported vs training engine = {diff:.3e}"
-    )
+    print(f"\nexport ({'tied' if tied else 'untied'}): max |logit diff| exported vs training engine = {diff:.3e}")
     assert diff <= 1e-5
     # a second export to the same folder is refused and leaves the first intact
-    again = subprocess.run([sys.executable, "tools/convert_to_hf.py", recipe["output_dir"], "--output", str(out)],
-                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
-    assert (
-        again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    again = subprocess.run(
+        [sys.executable, "tools/convert_to_hf.py", recipe["output_dir"], "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
     assert (out / "model.safetensors.index.json").exists()
     # the weights did train: an untouched model gives other logits
     fresh = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
-        assert (
-            float((fresh.eval()(probe_tokens(model.config.vocab_size)).logits - logits).abs().max())
-            > 1e-3
-        )
+        assert float((fresh.eval()(probe_tokens(model.config.vocab_size)).logits - logits).abs().max()) > 1e-3
 
 
 def test_export_refuses_bad_input_without_traceback(tmp_path, base_recipe):
-    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", str(tmp_path), "--output", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
-    assert (
-        proc.returncode == 2
-        and "no checkpoints/latest" in proc.stderr
-        and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_to_hf.py", str(tmp_path), "--output", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
+    assert proc.returncode == 2 and "no checkpoints/latest" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_corrupted_newest_tag_is_skipped(base_recipe):
-    recipe = base_recipe(
-        micro_batch_size=2, max_steps=4, checkpoint__every=2, checkpoint__at_end=True
-    )
+    recipe = base_recipe(micro_batch_size=2, max_steps=4, checkpoint__every=2, checkpoint__at_end=True)
     full = ok(run_ranks(recipe, 2))
     root = Path(recipe["output_dir"]) / CHECKPOINT_DIR
     shard = next((root / "step_00000004").glob("*optim_states.pt"))
@@ -95,9 +111,7 @@ def test_corrupted_newest_tag_is_skipped(base_recipe):
 
 def test_elastic_resume_two_ranks_to_one(base_recipe, tmp_path):
     # AdamW: DeepSpeed's universal conversion needs optimizer state (plain SGD has none).
-    recipe2 = base_recipe(
-        micro_batch_size=2, max_steps=3, checkpoint__every=2, optim__name="adamw", optim__lr=1e-2
-    )
+    recipe2 = base_recipe(micro_batch_size=2, max_steps=3, checkpoint__every=2, optim__name="adamw", optim__lr=1e-2)
     full = ok(run_ranks(recipe2, 2))  # uninterrupted reference, checkpoint at step 2
     one_dir = tmp_path / "one-rank"
     shutil.copytree(recipe2["output_dir"], one_dir)
@@ -106,12 +120,8 @@ def test_elastic_resume_two_ranks_to_one(base_recipe, tmp_path):
     assert "(elastic)" in resumed.ranks[0].log
     assert [r["step"] for r in resumed.records] == [3]
     loss_diff = abs(resumed.records[0]["loss"] - full.records[2]["loss"])
-    param_diff = max(
-        float((full.state_dict[k] - resumed.state_dict[k]).abs().max()) for k in full.state_dict
-    )
-    print(
-        f"\nelastic 2->1 rank: |loss diff| at step 3 = {loss_diff:.3e}, max |dparam| = {param_diff:.3e}"
-    )
+    param_diff = max(float((full.state_dict[k] - resumed.state_dict[k]).abs().max()) for k in full.state_dict)
+    print(f"\nelastic 2->1 rank: |loss diff| at step 3 = {loss_diff:.3e}, max |dparam| = {param_diff:.3e}")
     assert loss_diff <= 1e-5 and param_diff <= 1e-5
     # a different global batch is refused with a message that says what to change
     bad = ok(run_ranks(dict(recipe2, output_dir=str(tmp_path / "x")), 2))  # noqa: F841 - makes a checkpoint

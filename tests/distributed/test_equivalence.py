@@ -44,9 +44,7 @@ def test_step_window_world_size_and_grad_accum(base_recipe, results):
         "ws1 ga2": (base_recipe(micro_batch_size=2, grad_accum_steps=2), 1),
         "ws2 ga2": (base_recipe(micro_batch_size=1, grad_accum_steps=2), 2),
         "ws2 ga1 zero2": (
-            base_recipe(
-                micro_batch_size=2, ds_config="ds_configs/zero2_fp32.json", ds_overrides={}
-            ),
+            base_recipe(micro_batch_size=2, ds_config="ds_configs/zero2_fp32.json", ds_overrides={}),
             2,
         ),
     }
@@ -85,10 +83,8 @@ def test_large_lam_equals_erm_and_reweighting_matters(base_recipe, results):
 
 def test_midrank_world_size(base_recipe):
     """MidRanking keeps a band of the global ranking: per-rank ranking would pick other samples."""
-    one = train(base_recipe(micro_batch_size=4, reweight__scheme="midrank", reweight__frac=0.5,
-                            reweight__portion=1), 1)  # fmt: skip
-    two = train(base_recipe(micro_batch_size=2, reweight__scheme="midrank", reweight__frac=0.5,
-                            reweight__portion=1), 2)  # fmt: skip
+    one = train(base_recipe(micro_batch_size=4, reweight__scheme="midrank", reweight__frac=0.5, reweight__portion=1), 1)
+    two = train(base_recipe(micro_batch_size=2, reweight__scheme="midrank", reweight__frac=0.5, reweight__portion=1), 2)
     diff = max_abs_diff(one.state_dict, two.state_dict)
     report("midrank ws1 vs ws2", diff)
     assert diff <= TOL

@@ -21,8 +21,15 @@ def alpaca_split(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
     from irdro.prepare import prepare
 
     out = tmp_path_factory.mktemp("shards") / "alpaca"
-    prepare([str(ROOT / "tests/fixtures/chatterbot/alpaca.jsonl")], str(gpt2_tokenizer_dir),
-            str(out), format="alpaca", seq_len=128, eval_fraction=0.1, progress=False)  # fmt: skip
+    prepare(
+        [str(ROOT / "tests/fixtures/chatterbot/alpaca.jsonl")],
+        str(gpt2_tokenizer_dir),
+        str(out),
+        format="alpaca",
+        seq_len=128,
+        eval_fraction=0.1,
+        progress=False,
+    )
     return out
 
 
@@ -33,8 +40,9 @@ def test_packed_training_equals_unpacked(base_recipe, alpaca_split) -> None:
     data = {"train": str(alpaca_split / "train"), "eval": str(alpaca_split / "eval")}
     runs = {}
     for packing in ("none", "boundary"):
-        recipe = base_recipe(max_steps=2, micro_batch_size=4, data={**data, "packing": packing},
-                             eval={"max_samples": 8})  # fmt: skip
+        recipe = base_recipe(
+            max_steps=2, micro_batch_size=4, data={**data, "packing": packing}, eval={"max_samples": 8}
+        )
         run = run_ranks(recipe, 2)
         for rank in run.ranks:
             assert rank.returncode == 0, f"rank failed: {rank.error}\n{rank.log[-3000:]}"

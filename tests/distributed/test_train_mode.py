@@ -39,9 +39,7 @@ def test_dropout_model_trains_in_train_mode_and_resumes_exactly(base_recipe, opt
         scored = {(s, m): x for s, m, grad, x in rank.losses if not grad}
         trained = {(s, m): x for s, m, grad, x in rank.losses if grad}
         assert scored.keys() == trained.keys() and len(scored) == 4 * 2
-        assert all(scored[k] == trained[k] for k in scored), (
-            "scoring and grad forwards saw different dropout"
-        )
+        assert all(scored[k] == trained[k] for k in scored), "scoring and grad forwards saw different dropout"
 
     # the same run killed after step 2 and resumed (with eval data: it evaluates only at the end)
     out = str(tmp_path / "resumed")
@@ -56,9 +54,7 @@ def test_dropout_model_trains_in_train_mode_and_resumes_exactly(base_recipe, opt
     for rank in second.ranks:
         assert rank.modes == [True, True], rank.modes
     assert [r["step"] for r in second.records] == [3, 4]
-    diff = max(
-        float((full.state_dict[k] - second.state_dict[k]).abs().max()) for k in full.state_dict
-    )
+    diff = max(float((full.state_dict[k] - second.state_dict[k]).abs().max()) for k in full.state_dict)
     print(f"\nmax |dparam| resumed vs uninterrupted, dropout 0.1: {diff:.3e}")
     assert diff == 0.0
 
@@ -69,8 +65,13 @@ def full_eval(base_recipe) -> str:
 
 
 def test_eval_loss_does_not_depend_on_the_number_of_ranks(base_recipe):
-    recipe = dict(max_steps=1, micro_batch_size=2, data__eval=full_eval(base_recipe),
-                  eval__max_samples=7, eval__micro_batch_size=3)  # fmt: skip
+    recipe = dict(
+        max_steps=1,
+        micro_batch_size=2,
+        data__eval=full_eval(base_recipe),
+        eval__max_samples=7,
+        eval__micro_batch_size=3,
+    )
     one = ok(run_ranks(base_recipe(**recipe), 1)).records[0]["eval_loss"]
     two = ok(run_ranks(base_recipe(**{**recipe, "micro_batch_size": 1}), 2)).records[0]["eval_loss"]
     print(f"\neval_loss 1 rank {one:.8f}, 2 ranks {two:.8f}")

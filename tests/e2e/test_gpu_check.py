@@ -20,21 +20,35 @@ def test_gpu_check_cpu_dry_run(tmp_path, gpt2_tokenizer_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = [sys.executable, "benchmarks/gpu_check.py"]
     inputs, out = tmp_path / "inputs", tmp_path / "out"
-    prep = subprocess.run([*script, "--prepare", str(inputs), "--no-wheels"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    prep = subprocess.run(
+        [*script, "--prepare", str(inputs), "--no-wheels"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
     assert (inputs / "data/long2048/manifest.json").exists()  # what the GPU run trains on
 
-    proc = subprocess.run([*script, "--cpu", "--inputs", str(inputs), "--output", str(out),
-                           "--workdir", str(tmp_path / "work")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [*script, "--cpu", "--inputs", str(inputs), "--output", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = json.loads((out / "gpu_check.json").read_text())
     sections = report["sections"]
     messages = {k: v.get("message") for k, v in sections.items()}
     assert proc.returncode == 0 and report["ok"] is True, (messages, proc.stdout[-3000:])
     assert {k: v["status"] for k, v in sections.items()} == {
-        "gpu_tests": "skipped", "optimizer": "pass", "recipe": "pass", "throughput": "pass"
-    }  # fmt: skip
+        "gpu_tests": "skipped",
+        "optimizer": "pass",
+        "recipe": "pass",
+        "throughput": "pass",
+    }
     assert sections["gpu_tests"]["message"].startswith("no CUDA")
     assert sections["gpu_tests"]["counts"]["skipped"] >= 10  # collected, so they import on CPU
     assert all(sections["recipe"]["checks"].values())

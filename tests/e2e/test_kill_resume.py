@@ -25,11 +25,7 @@ def steps_logged(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [
-        json.loads(x)
-        for x in path.read_text().splitlines()
-        if x.strip() and "loss" in json.loads(x)
-    ]
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip() and "loss" in json.loads(x)]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -43,8 +39,9 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, smoke_data, gpt2_tokenizer
     run(smoke_command(ref_dir, smoke_data, gpt2_tokenizer_dir, *OVERRIDES))
 
     cmd = smoke_command(killed_dir, smoke_data, gpt2_tokenizer_dir, *OVERRIDES)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not any(r["step"] == 3 for r in steps_logged(killed_dir)):  # between checkpoints 2 and 4
         assert proc.poll() is None and time.time() < deadline, "run ended before step 3"

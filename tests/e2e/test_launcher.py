@@ -27,35 +27,51 @@ def test_deepspeed_launcher_two_ranks(tmp_path, smoke_data, gpt2_tokenizer_dir):
     steps = [x for x in lines if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
     for x in steps:
-        for key in ("step", "lr", "loss", "weighted_loss", "ess", "max_weight", "tokens",
-                    "tokens_per_s", "grad_norm", "skipped"):  # fmt: skip
+        for key in (
+            "step",
+            "lr",
+            "loss",
+            "weighted_loss",
+            "ess",
+            "max_weight",
+            "tokens",
+            "tokens_per_s",
+            "grad_norm",
+            "skipped",
+        ):
             assert key in x, key
         assert math.isfinite(x["loss"]) and math.isfinite(x["weighted_loss"]) and x["skipped"] == 0
         assert 0 < x["ess"] <= 1 + 1e-9 and x["tokens"] > 0
     evals = [x for x in lines if "eval_loss" in x]
-    assert [x["step"] for x in evals] == [0, 3, 6] and all(
-        math.isfinite(x["eval_ppl"]) for x in evals
-    )
+    assert [x["step"] for x in evals] == [0, 3, 6] and all(math.isfinite(x["eval_ppl"]) for x in evals)
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
 
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_00000006"
     assert len(list((ckpt / "step_00000006").glob("*model_states.pt"))) == 2  # one shard per rank
-    assert (run_dir / "recipe.yaml").exists() and json.loads(
-        (run_dir / "ds_config.json").read_text()
-    )["train_batch_size"] == 16
+    assert (run_dir / "recipe.yaml").exists() and json.loads((run_dir / "ds_config.json").read_text())[
+        "train_batch_size"
+    ] == 16
 
 
 def test_validate_rejects_typo_in_real_recipe():
-    proc = subprocess.run([sys.executable, "-m", "irdro.validate", "recipes/tiny/cpu_smoke.yaml",
-                           "reweight.lamda=0.5"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "irdro.validate", "recipes/tiny/cpu_smoke.yaml", "reweight.lamda=0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "reweight.lamda" in proc.stderr and "reweight.lam" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_train_reports_bad_recipe_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "irdro.train", "recipes/tiny/cpu_smoke.yaml",
-                           "optim.lr=fast", f"output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "irdro.train", "recipes/tiny/cpu_smoke.yaml", "optim.lr=fast", f"output_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "optim.lr: expected a number" in proc.stderr
     assert "Traceback" not in proc.stderr

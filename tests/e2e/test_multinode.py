@@ -23,22 +23,46 @@ from irdro.checkpoint import check_complete, consolidated_fp32
 from irdro.testing import free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-OVERRIDES = ("max_steps=3", "reweight.window=step", "checkpoint.at_end=true", "eval.max_samples=4",
-             "log.progress=false", "log.tensorboard=false")  # fmt: skip
+OVERRIDES = (
+    "max_steps=3",
+    "reweight.window=step",
+    "checkpoint.at_end=true",
+    "eval.max_samples=4",
+    "log.progress=false",
+    "log.tensorboard=false",
+)
 TAG = "step_00000003"
 TOL = 1e-6
 
 
-def node_command(run_dir: Path, data: Path, tokenizer: Path, hostfile: Path, node_rank: int, port: int) -> list[str]:  # fmt: skip
+def node_command(run_dir: Path, data: Path, tokenizer: Path, hostfile: Path, node_rank: int, port: int) -> list[str]:
     """The documented `--no_ssh` form: what each node of tools/slurm/irdro.sbatch runs."""
     one_node = smoke_command(run_dir, data, tokenizer, *OVERRIDES)
-    return [launcher(), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank),
-            "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
-            "--master_port", str(port), *one_node[one_node.index("--module"):]]  # fmt: skip
+    return [
+        launcher(),
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh",
+        "--node_rank",
+        str(node_rank),
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        *one_node[one_node.index("--module") :],
+    ]
 
 
-def run_nodes(cmds: list[list[str]], logs: list[Path], timeout: float,
-              stop: Callable[[list[subprocess.Popen]], bool] | None = None) -> list[int | None]:  # fmt: skip
+def run_nodes(
+    cmds: list[list[str]],
+    logs: list[Path],
+    timeout: float,
+    stop: Callable[[list[subprocess.Popen]], bool] | None = None,
+) -> list[int | None]:
     """Start every node's launcher in its own session, output to `logs`; return their exit codes
     (None: still running at the timeout, or when `stop(procs)` said so, then killed). A node that
     fails ends the others at once (its peers would wait for it until the process-group timeout),
@@ -47,8 +71,11 @@ def run_nodes(cmds: list[list[str]], logs: list[Path], timeout: float,
     try:
         for cmd, path in zip(cmds, logs, strict=True):
             with open(path, "w") as log:
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             if any(p.returncode not in (None, 0) for p in procs) or (stop and stop(procs)):
@@ -65,9 +92,7 @@ def run_nodes(cmds: list[list[str]], logs: list[Path], timeout: float,
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
-    return [
-        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()
-    ]
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 @pytest.mark.distributed
@@ -109,10 +134,7 @@ def test_two_nodes_no_ssh_equal_one_node_two_ranks(tmp_path, smoke_data, gpt2_to
     ref_sd = consolidated_fp32(one / "checkpoints" / TAG)
     got_sd = consolidated_fp32(two / "checkpoints" / TAG)
     assert ref_sd.keys() == got_sd.keys()
-    worst = max(
-        float((ref_sd[k].contiguous().detach() - got_sd[k].contiguous().detach()).abs().max())
-        for k in ref_sd
-    )
+    worst = max(float((ref_sd[k].contiguous().detach() - got_sd[k].contiguous().detach()).abs().max()) for k in ref_sd)
     assert worst <= TOL, f"parameters differ by up to {worst:.3g}"
     print(f"max |param difference| = {worst:.3g}")
 
@@ -127,10 +149,7 @@ def test_hung_nodes_are_killed(tmp_path, smoke_data, gpt2_tokenizer_dir):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port, run_dir = free_port(), tmp_path / "run"
-    cmds = [
-        node_command(run_dir, smoke_data, gpt2_tokenizer_dir, hostfile, r, port) + ["max_steps=50"]
-        for r in (0, 1)
-    ]
+    cmds = [node_command(run_dir, smoke_data, gpt2_tokenizer_dir, hostfile, r, port) + ["max_steps=50"] for r in (0, 1)]
     frozen_at: list[float] = []
 
     def freeze_node0(procs: list[subprocess.Popen]) -> bool:
@@ -165,9 +184,25 @@ def pid_exists(pid: int) -> bool:
 def test_no_ssh_launch_needs_a_hostfile(tmp_path):
     """Without a hostfile the launcher knows only localhost: --num_nodes 2 is refused at once, even
     with --no_ssh (docs/multinode.md: every node needs the same hostfile)."""
-    cmd = [launcher(), "--hostfile", str(tmp_path / "missing"), "--no_ssh", "--node_rank", "1",
-           "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "--module", "irdro.train", "recipes/tiny/cpu_smoke.yaml"]  # fmt: skip
+    cmd = [
+        launcher(),
+        "--hostfile",
+        str(tmp_path / "missing"),
+        "--no_ssh",
+        "--node_rank",
+        "1",
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "irdro.train",
+        "recipes/tiny/cpu_smoke.yaml",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "no extra nodes available via hostfile" in proc.stderr + proc.stdout
@@ -206,9 +241,17 @@ def run_sbatch(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPr
         (bin_dir / name).write_text("#!/bin/bash\n" + body)
         (bin_dir / name).chmod(0o755)
     python_bin = Path(sys.executable).parent  # the real python, for irdro.validate
-    run_env = {**os.environ, "PATH": f"{bin_dir}:{python_bin}:/usr/bin:/bin", "FAKE_OUT": str(tmp_path),
-               "SLURM_SUBMIT_DIR": str(repo), "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_ID": "4242",
-               "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "16", **env}  # fmt: skip
+    run_env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{python_bin}:/usr/bin:/bin",
+        "FAKE_OUT": str(tmp_path),
+        "SLURM_SUBMIT_DIR": str(repo),
+        "SLURM_JOB_NODELIST": "gpu-[a-b]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_CPUS_PER_TASK": "16",
+        **env,
+    }
     for name in (
         "VENV",
         "MASTER_ADDR",
@@ -220,8 +263,7 @@ def run_sbatch(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPr
     ):
         if name not in env:
             run_env.pop(name, None)
-    return subprocess.run(["bash", str(SBATCH), *args], env=run_env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(["bash", str(SBATCH), *args], env=run_env, capture_output=True, text=True, timeout=120)
 
 
 def test_sbatch_is_valid_bash():
@@ -236,9 +278,24 @@ def test_sbatch_runs_one_no_ssh_launcher_per_node(tmp_path):
     hostfile = tmp_path / "repo" / ".irdro_hostfile.4242"
     for r in (0, 1):
         argv = (tmp_path / f"deepspeed.{r}").read_text().splitlines()
-        assert argv == ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
-                        "--num_nodes", "2", "--num_gpus", "4", "--master_addr", "gpu-a",
-                        "--master_port", str(20000 + 4242), "--module", "irdro.train", *args]  # fmt: skip
+        assert argv == [
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(r),
+            "--num_nodes",
+            "2",
+            "--num_gpus",
+            "4",
+            "--master_addr",
+            "gpu-a",
+            "--master_port",
+            str(20000 + 4242),
+            "--module",
+            "irdro.train",
+            *args,
+        ]
         assert (tmp_path / f"hostfile.{r}").read_text() == "gpu-a slots=4\ngpu-b slots=4\n"
     opts = (tmp_path / "srun.opts").read_text().split()
     assert "--nodes=2" in opts and "--ntasks-per-node=1" in opts and "--kill-on-bad-exit=1" in opts

@@ -85,9 +85,7 @@ def test_token_nll_ignored_positions_stay_finite_on_cuda() -> None:
 def test_packed_losses_and_masks_on_cuda_equal_cpu() -> None:
     """block_causal_mask, packed_sample_nll and per_sample_nll give on CUDA what they give on CPU."""
     g = torch.Generator().manual_seed(1)
-    seg = torch.tensor(
-        [[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1, -1], [3, 3, 3, 3, 3, 4, 4, 4, 4, 4, -1, -1]]
-    )
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, -1, -1, -1], [3, 3, 3, 3, 3, 4, 4, 4, 4, 4, -1, -1]])
     labels = torch.randint(0, 97, seg.shape, generator=g)
     labels[seg == -1] = -100
     labels[0, 5] = -100  # a masked prompt token
@@ -97,9 +95,7 @@ def test_packed_losses_and_masks_on_cuda_equal_cpu() -> None:
         ("eager", torch.float32),
     ):
         cpu = block_causal_mask(seg, attention, torch.float32 if dtype == torch.bool else dtype)
-        gpu = block_causal_mask(
-            seg.to(CUDA), attention, torch.float32 if dtype == torch.bool else dtype
-        )
+        gpu = block_causal_mask(seg.to(CUDA), attention, torch.float32 if dtype == torch.bool else dtype)
         assert gpu.device.type == "cuda" and gpu.dtype == cpu.dtype
         assert torch.equal(gpu.cpu(), cpu)
     for dtype in (torch.float32, torch.bfloat16):
@@ -133,20 +129,20 @@ def tiny_llama(dtype: torch.dtype):
 
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
-        "llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        "llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
         initializer_range=0.2,  # 10x the default: documents leaking into each other show clearly
-    )  # fmt: skip
-    return (
-        AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-        .to(CUDA)
-        .eval()
     )
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype).to(CUDA).eval()
 
 
-@pytest.mark.parametrize(
-    ("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"]
-)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
 @torch.no_grad()
 def test_packed_rows_on_cuda_equal_unpacked(dtype, tol) -> None:
     """A tiny Llama on CUDA (sdpa): per-document losses of packed rows equal the unpacked ones;
@@ -159,15 +155,14 @@ def test_packed_rows_on_cuda_equal_unpacked(dtype, tol) -> None:
 
     packed = {k: v.to(CUDA) for k, v in collate_packed(samples, pad_id=0, seq_len=128).items()}
     assert packed["input_ids"].shape[0] < len(samples)  # rows really hold several documents
-    got, counts = packed_sample_nll(packed_forward(model, packed), packed["labels"], packed["segment_ids"],
-                                    len(samples))  # fmt: skip
+    got, counts = packed_sample_nll(
+        packed_forward(model, packed), packed["labels"], packed["segment_ids"], len(samples)
+    )
     assert torch.equal(counts, ref_counts)
     assert float((got - ref).abs().max()) <= tol
 
     leaky_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
-    leaky, _ = packed_sample_nll(
-        leaky_logits, packed["labels"], packed["segment_ids"], len(samples)
-    )
+    leaky, _ = packed_sample_nll(leaky_logits, packed["labels"], packed["segment_ids"], len(samples))
     assert float((leaky - ref).abs().max()) > 0.2  # about 1.3 for this model (CPU, fp32 and bf16)
 
 

@@ -31,9 +31,9 @@ def test_there_are_recipes_and_configs():
 def test_recipe_validates_and_merges(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     first = path.read_text().splitlines()[0]
-    assert (
-        first.startswith("# ") and "irdro.train" in first and str(path.relative_to(ROOT)) in first
-    ), "first comment line must be the launch command"
+    assert first.startswith("# ") and "irdro.train" in first and str(path.relative_to(ROOT)) in first, (
+        "first comment line must be the launch command"
+    )
     ws = launch_world_size(path)
     recipe = load_recipe(path, world_size=ws)
     ds = resolve_ds_config(recipe, ws)
@@ -44,8 +44,14 @@ def test_recipe_validates_and_merges(path, monkeypatch):
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_ds_config_is_engine_settings_only(path):
     ds = json.loads(path.read_text())
-    owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "optimizer", "scheduler", "gradient_clipping"}  # fmt: skip
+    owned = {
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "optimizer",
+        "scheduler",
+        "gradient_clipping",
+    }
     assert not owned & ds.keys()
     assert ds["bf16"]["enabled"] == path.stem.endswith("bf16")
     assert zero_stage(ds) == (2 if path.stem.startswith("zero2") else 3)

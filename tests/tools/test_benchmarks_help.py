@@ -9,11 +9,7 @@ import pytest
 from helpers import ROOT
 
 # common.py is imported by the others; rank_entry.py is one training rank, started by them.
-SCRIPTS = sorted(
-    p.name
-    for p in (ROOT / "benchmarks").glob("*.py")
-    if p.name not in ("common.py", "rank_entry.py")
-)
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name not in ("common.py", "rank_entry.py"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

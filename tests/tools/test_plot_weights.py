@@ -92,10 +92,19 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) 
     for step in range(1, 5):
         skipped = step == 4
         metrics.append(
-            {"step": step, "lr": 1e-3, "loss": 6.0 - step / 4, "weighted_loss": 6.2 - step / 4,
-             "ess": None if skipped else 0.9 - step / 20, "max_weight": None if skipped else 0.3,
-             "tokens": 40, "tokens_per_s": 100.0, "grad_norm": 1.0, "skipped": int(skipped)}
-        )  # fmt: skip
+            {
+                "step": step,
+                "lr": 1e-3,
+                "loss": 6.0 - step / 4,
+                "weighted_loss": 6.2 - step / 4,
+                "ess": None if skipped else 0.9 - step / 20,
+                "max_weight": None if skipped else 0.3,
+                "tokens": 40,
+                "tokens_per_s": 100.0,
+                "grad_norm": 1.0,
+                "skipped": int(skipped),
+            }
+        )
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return run
 
@@ -145,10 +154,7 @@ def test_texts_of_another_tokenizers_shards_are_flagged(
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="irdro.observe"):
         assert decode_samples(other, [HEAVY]) == {HEAVY: TEXTS[HEAVY]}
-    assert (
-        f"{shards} was tokenised with test (hash 000000000000), not with {other / 'hf'}"
-        in caplog.text
-    )
+    assert f"{shards} was tokenised with test (hash 000000000000), not with {other / 'hf'}" in caplog.text
 
 
 def test_pure_functions(run_dir: Path) -> None:
@@ -177,8 +183,7 @@ def test_pure_functions(run_dir: Path) -> None:
 def test_bad_run_dir_exit_2(tmp_path: Path, make, args: list[str], message: str) -> None:
     run = tmp_path / "run"
     make(run)
-    proc = subprocess.run([sys.executable, str(TOOL), str(run), *args], capture_output=True,
-                          text=True, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(TOOL), str(run), *args], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr

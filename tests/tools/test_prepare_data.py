@@ -120,9 +120,7 @@ def test_prepare_text_split(split_dataset, sonnets: list[dict], tokenizer) -> No
         assert tokenizer.decode(np.concatenate(chunks)) == sonnets[doc_id]["text"] + "<|endoftext|>"
 
 
-def test_prepare_text_is_deterministic(
-    tmp_path: Path, split_dataset, sonnets_jsonl, gpt2_tokenizer_dir
-) -> None:
+def test_prepare_text_is_deterministic(tmp_path: Path, split_dataset, sonnets_jsonl, gpt2_tokenizer_dir) -> None:
     _, first = split_dataset
     again = prepare(
         [str(sonnets_jsonl)],
@@ -165,9 +163,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path: Path, gpt2_tokenizer_
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "broken\n')
     with pytest.raises(DataError, match=rf"{bad}:2: malformed JSON"):
-        prepare(
-            [str(bad)], str(gpt2_tokenizer_dir), str(tmp_path / "out"), seq_len=16, progress=False
-        )
+        prepare([str(bad)], str(gpt2_tokenizer_dir), str(tmp_path / "out"), seq_len=16, progress=False)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no temp dirs left
 
@@ -175,19 +171,13 @@ def test_malformed_json_line_names_file_and_line(tmp_path: Path, gpt2_tokenizer_
 def test_missing_field_names_file_line_and_field(tmp_path: Path, gpt2_tokenizer_dir: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"content": "x"}\n')
-    with pytest.raises(
-        DataError, match=rf"{bad}:2: record has no field 'text' \(fields: content\)"
-    ):
-        prepare(
-            [str(bad)], str(gpt2_tokenizer_dir), str(tmp_path / "out"), seq_len=16, progress=False
-        )
+    with pytest.raises(DataError, match=rf"{bad}:2: record has no field 'text' \(fields: content\)"):
+        prepare([str(bad)], str(gpt2_tokenizer_dir), str(tmp_path / "out"), seq_len=16, progress=False)
 
 
 def test_missing_input(tmp_path: Path, gpt2_tokenizer_dir: Path) -> None:
     with pytest.raises(DataError, match="matches no file"):
-        prepare(
-            [str(tmp_path / "*.jsonl")], str(gpt2_tokenizer_dir), str(tmp_path / "o"), seq_len=16
-        )
+        prepare([str(tmp_path / "*.jsonl")], str(gpt2_tokenizer_dir), str(tmp_path / "o"), seq_len=16)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -214,9 +204,7 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path: Path, gpt2_tokenizer_
     assert "Traceback" not in proc.stderr
 
 
-def test_cli_prepare_then_verify(
-    tmp_path: Path, sonnets_jsonl: Path, gpt2_tokenizer_dir: Path, capsys
-) -> None:
+def test_cli_prepare_then_verify(tmp_path: Path, sonnets_jsonl: Path, gpt2_tokenizer_dir: Path, capsys) -> None:
     out = tmp_path / "out"
     args = [
         "--input",

@@ -92,9 +92,7 @@ def test_alpaca_masks_the_prompt(tmp_path, gpt2_tokenizer_dir, tokenizer, alpaca
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         assert (s.labels[:n_prompt] == -100).all() and (s.labels[n_prompt:] != -100).all()
 
-    all_on = _run(
-        [CHATTERBOT / "alpaca.jsonl"], gpt2_tokenizer_dir, tmp_path / "b", train_on_prompt=True
-    )
+    all_on = _run([CHATTERBOT / "alpaca.jsonl"], gpt2_tokenizer_dir, tmp_path / "b", train_on_prompt=True)
     assert not all_on.has_mask and all_on.train_on_prompt
     assert not list((tmp_path / "b").glob("*.mask.npy"))
     assert all_on.shards[0].sha256["tokens.npy"] == manifest.shards[0].sha256["tokens.npy"]
@@ -123,9 +121,7 @@ def test_alpaca_input_section_and_empty_output(tmp_path, gpt2_tokenizer_dir, tok
     assert tokenizer.decode(s.input_ids) == expected + EOS
 
 
-def test_chat_supervises_every_assistant_turn(
-    tmp_path, gpt2_tokenizer_dir, tokenizer, chat_template
-) -> None:
+def test_chat_supervises_every_assistant_turn(tmp_path, gpt2_tokenizer_dir, tokenizer, chat_template) -> None:
     records = _lines(CHATTERBOT / "chat.jsonl")
     manifest = _run(
         [CHATTERBOT / "chat.jsonl"],
@@ -157,9 +153,7 @@ def test_chat_supervises_every_assistant_turn(
         assert masked.startswith("<|user|>\n" + msgs[0]["content"]) and "<|assistant|>" in masked
 
 
-def test_chat_template_from_the_tokenizer_and_refusals(
-    tmp_path, gpt2_tokenizer_dir, tokenizer
-) -> None:
+def test_chat_template_from_the_tokenizer_and_refusals(tmp_path, gpt2_tokenizer_dir, tokenizer) -> None:
     src = _write_jsonl(
         tmp_path / "c.jsonl",
         [
@@ -170,7 +164,7 @@ def test_chat_template_from_the_tokenizer_and_refusals(
                     {"role": "assistant", "content": "Hello there"},
                 ]
             }
-        ],  # fmt: skip
+        ],
     )
     with pytest.raises(DataError, match="no chat template; pass --chat-template"):
         _run([src], gpt2_tokenizer_dir, tmp_path / "x", format="chat")
@@ -188,9 +182,7 @@ def test_chat_template_from_the_tokenizer_and_refusals(
 
     # a template that renders a turn differently once it is not last: refused, naming the line
     unstable = tmp_path / "unstable.jinja"
-    unstable.write_text(
-        "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}"
-    )
+    unstable.write_text("{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}")
     with pytest.raises(DataError, match=rf"{src}:1: chat template failed: .*prefix-stable"):
         _run([src], gpt2_tokenizer_dir, tmp_path / "y", format="chat", chat_template=str(unstable))
 
@@ -227,9 +219,7 @@ def test_long_documents_split_or_truncate(tmp_path, gpt2_tokenizer_dir, tokenize
 # ----------------------------------------------------------------------------- inputs
 
 
-def test_parquet_saved_datasets_globs_and_directories(
-    tmp_path, gpt2_tokenizer_dir, alpaca_shards
-) -> None:
+def test_parquet_saved_datasets_globs_and_directories(tmp_path, gpt2_tokenizer_dir, alpaca_shards) -> None:
     import datasets
 
     records = _lines(CHATTERBOT / "alpaca.jsonl")[:30]
@@ -248,8 +238,7 @@ def test_parquet_saved_datasets_globs_and_directories(
         np.testing.assert_array_equal(got[i].input_ids, first30[i].input_ids)
         np.testing.assert_array_equal(got[i].labels, first30[i].labels)
 
-    globbed = _run([str(src / "*.parquet"), src / "c_saved"], gpt2_tokenizer_dir, tmp_path / "g",
-                   format="alpaca")  # fmt: skip
+    globbed = _run([str(src / "*.parquet"), src / "c_saved"], gpt2_tokenizer_dir, tmp_path / "g", format="alpaca")
     assert globbed.num_samples == 20
     with pytest.raises(DataError, match="splits train, not 'test'; pass --split"):
         _run([src / "c_saved"], gpt2_tokenizer_dir, tmp_path / "h", format="alpaca", split="test")
@@ -287,9 +276,7 @@ def test_alpaca_and_chat_records_missing_a_field(tmp_path, gpt2_tokenizer_dir, c
         tmp_path / "a.jsonl",
         [{"instruction": "a", "output": "b c"}, {"instruction": "a", "answer": "b"}],
     )
-    with pytest.raises(
-        DataError, match=rf"{src}:2: record has no field 'output' \(fields: answer, instruction\)"
-    ):
+    with pytest.raises(DataError, match=rf"{src}:2: record has no field 'output' \(fields: answer, instruction\)"):
         _run([src], gpt2_tokenizer_dir, tmp_path / "out")
     manifest = _run([src], gpt2_tokenizer_dir, tmp_path / "out", skip_bad=True)
     assert manifest.num_skipped["bad_record"] == 1 and manifest.num_samples == 1
@@ -299,15 +286,12 @@ def test_alpaca_and_chat_records_missing_a_field(tmp_path, gpt2_tokenizer_dir, c
         [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}],
     )
     with pytest.raises(DataError, match=rf"{chat}:1: field 'messages\[1\].content' is missing"):
-        _run([chat], gpt2_tokenizer_dir, tmp_path / "c", format="chat",
-             chat_template=str(chat_template))  # fmt: skip
+        _run([chat], gpt2_tokenizer_dir, tmp_path / "c", format="chat", chat_template=str(chat_template))
     with pytest.raises(DataError, match=rf"{chat}:1: .*field 'instruction'"):
         _run([chat], gpt2_tokenizer_dir, tmp_path / "d", format="alpaca")
 
 
-def test_a_conversation_without_answer_is_dropped_not_nan(
-    tmp_path, gpt2_tokenizer_dir, chat_template
-) -> None:
+def test_a_conversation_without_answer_is_dropped_not_nan(tmp_path, gpt2_tokenizer_dir, chat_template) -> None:
     src = _write_jsonl(
         tmp_path / "c.jsonl",
         [
@@ -320,25 +304,20 @@ def test_a_conversation_without_answer_is_dropped_not_nan(
             },
         ],
     )
-    manifest = _run([src], gpt2_tokenizer_dir, tmp_path / "c", format="chat",
-                    chat_template=str(chat_template))  # fmt: skip
+    manifest = _run([src], gpt2_tokenizer_dir, tmp_path / "c", format="chat", chat_template=str(chat_template))
     assert manifest.num_samples == 1 and manifest.num_skipped["too_short"] == 1
     s = ShardDataset(tmp_path / "c")[0]
     assert (s.labels[1:] != -100).sum() >= 1
 
 
-def test_token_id_that_does_not_fit_leaves_nothing(
-    tmp_path, gpt2_tokenizer_dir, monkeypatch
-) -> None:
+def test_token_id_that_does_not_fit_leaves_nothing(tmp_path, gpt2_tokenizer_dir, monkeypatch) -> None:
     out = tmp_path / "out"
     src = _write_jsonl(tmp_path / "t.jsonl", [{"text": "Hello world"}])
     _run([src], gpt2_tokenizer_dir, out)
     before = (out / "manifest.json").read_text()
     # a vocabulary bound below GPT-2's ids: the writer must refuse them
     monkeypatch.setattr(irdro.prepare, "vocab_bound", lambda tok: 1000)
-    with pytest.raises(
-        DataError, match=rf"{src}:1: .*token id \d+ is outside the vocabulary \[0, 1000\)"
-    ):
+    with pytest.raises(DataError, match=rf"{src}:1: .*token id \d+ is outside the vocabulary \[0, 1000\)"):
         _run([src], gpt2_tokenizer_dir, out, overwrite=True)
     assert (out / "manifest.json").read_text() == before  # the old output is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t.jsonl"]
@@ -358,21 +337,44 @@ def test_vocab_bound_picks_uint32_past_65536(gpt2_tokenizer_dir, tokenizer) -> N
 
 def test_cli_alpaca_missing_field_exits_2(tmp_path, gpt2_tokenizer_dir, capsys) -> None:
     src = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a"}])
-    args = ["--format", "alpaca", "--input", str(src), "--tokenizer", str(gpt2_tokenizer_dir),
-            "--output", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    args = [
+        "--format",
+        "alpaca",
+        "--input",
+        str(src),
+        "--tokenizer",
+        str(gpt2_tokenizer_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     assert prepare_data.main(args) == 2
     err = capsys.readouterr().err
-    assert (
-        err.startswith(f"error: {src}:1: record has no field 'output'") and "Traceback" not in err
-    )
+    assert err.startswith(f"error: {src}:1: record has no field 'output'") and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
 
 
 def test_cli_chat_with_flags(tmp_path, gpt2_tokenizer_dir, chat_template, capsys) -> None:
     out = tmp_path / "out"
-    args = ["--format", "chat", "--input", str(CHATTERBOT / "chat.jsonl"), "--tokenizer",
-            str(gpt2_tokenizer_dir), "--output", str(out), "--chat-template", str(chat_template),
-            "--seq-len", "64", "--long-docs", "split", "--num-proc", "2", "--no-progress"]  # fmt: skip
+    args = [
+        "--format",
+        "chat",
+        "--input",
+        str(CHATTERBOT / "chat.jsonl"),
+        "--tokenizer",
+        str(gpt2_tokenizer_dir),
+        "--output",
+        str(out),
+        "--chat-template",
+        str(chat_template),
+        "--seq-len",
+        "64",
+        "--long-docs",
+        "split",
+        "--num-proc",
+        "2",
+        "--no-progress",
+    ]
     assert prepare_data.main(args) == 0
     assert f"wrote {out}: 200 docs" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())

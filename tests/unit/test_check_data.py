@@ -41,9 +41,15 @@ def test_other_tokenizer_is_refused_naming_both(tmp_path: Path, tokenizer) -> No
 
 
 def test_matching_tokenizer_passes_and_vocab_is_checked(tmp_path: Path, tokenizer) -> None:
-    with ShardWriter(tmp_path / "ds", vocab_size=len(tokenizer), tokenizer_name="gpt2",
-                     tokenizer_hash=tokenizer_fingerprint(tokenizer), seq_len=8,
-                     eos_token_id=50256, pad_token_id=None) as w:  # fmt: skip
+    with ShardWriter(
+        tmp_path / "ds",
+        vocab_size=len(tokenizer),
+        tokenizer_name="gpt2",
+        tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        seq_len=8,
+        eos_token_id=50256,
+        pad_token_id=None,
+    ) as w:
         w.add([15496, 995], doc_id=0, chunk_id=0)
         w.finalize()
     data = ShardDataset(tmp_path / "ds")
@@ -131,9 +137,7 @@ def test_tokenizer_without_template_adopts_the_shards_and_hf_and_export_carry_it
     assert AutoTokenizer.from_pretrained(tmp_path / "export").chat_template == TEMPLATE
 
 
-def test_same_template_passes_and_a_different_one_is_refused_naming_both(
-    tmp_path: Path, bare_tokenizer
-) -> None:
+def test_same_template_passes_and_a_different_one_is_refused_naming_both(tmp_path: Path, bare_tokenizer) -> None:
     data = _chat_shards(tmp_path / "ds", bare_tokenizer, TEMPLATE)
     bare_tokenizer.chat_template = TEMPLATE
     check_shards(bare_tokenizer, {"data.train": data})
@@ -152,9 +156,7 @@ def test_same_template_passes_and_a_different_one_is_refused_naming_both(
     assert bare_tokenizer.chat_template == OTHER  # left as it was
 
 
-def test_train_and_eval_with_different_templates_are_refused(
-    tmp_path: Path, bare_tokenizer
-) -> None:
+def test_train_and_eval_with_different_templates_are_refused(tmp_path: Path, bare_tokenizer) -> None:
     train = _chat_shards(tmp_path / "train", bare_tokenizer, TEMPLATE)
     evl = _chat_shards(tmp_path / "eval", bare_tokenizer, OTHER)
     with pytest.raises(ConfigError) as e:
@@ -175,13 +177,9 @@ def test_text_shards_leave_the_tokenizer_alone(tmp_path: Path, bare_tokenizer) -
     assert not bare_tokenizer.chat_template
 
 
-def test_hash_only_manifest_needs_a_tokenizer_with_the_template(
-    tmp_path: Path, bare_tokenizer
-) -> None:
+def test_hash_only_manifest_needs_a_tokenizer_with_the_template(tmp_path: Path, bare_tokenizer) -> None:
     data = _chat_shards(tmp_path / "ds", bare_tokenizer, TEMPLATE, with_text=False)
-    with pytest.raises(
-        ConfigError, match="has none, and .* holds only the hash .* re-run tools/prepare_data.py"
-    ):
+    with pytest.raises(ConfigError, match="has none, and .* holds only the hash .* re-run tools/prepare_data.py"):
         check_shards(bare_tokenizer, {"data.train": data})
     bare_tokenizer.chat_template = TEMPLATE
     check_shards(bare_tokenizer, {"data.train": data})

@@ -64,9 +64,14 @@ def test_train_takes_options_anywhere(argv):
 
 def test_validate_cli_with_intermixed_arguments(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "irdro.validate", SMOKE, "--world-size", "2", "max_steps=3",
-                           *smoke_inputs(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "irdro.validate", SMOKE, "--world-size", "2", "max_steps=3", *smoke_inputs(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "max_steps: 3" in proc.stdout and '"train_batch_size": 16' in proc.stdout
 

@@ -27,8 +27,10 @@ def write(tmp_path, raw, name="r.yaml"):
 
 
 def test_defaults_and_overrides_coerce_types(tmp_path):
-    r = load_recipe(write(tmp_path, BASE), ["optim.lr=1e-5", "max_steps=7", "reweight.scheme=irdro",
-                                           "optim.betas=[0.9, 0.99]", "reweight.lam=2"])  # fmt: skip
+    r = load_recipe(
+        write(tmp_path, BASE),
+        ["optim.lr=1e-5", "max_steps=7", "reweight.scheme=irdro", "optim.betas=[0.9, 0.99]", "reweight.lam=2"],
+    )
     assert r.optim.lr == 1e-5 and isinstance(r.optim.lr, float)  # YAML reads 1e-5 as a string
     assert r.max_steps == 7 and r.reweight.lam == 2.0 and r.optim.betas == (0.9, 0.99)
 
@@ -59,12 +61,13 @@ def test_midrank_empty_band_is_a_config_error_at_load(tmp_path):
     over = ["reweight.scheme=midrank", "reweight.frac=0.2", "micro_batch_size=2"]
     with pytest.raises(ConfigError, match="reweight.frac: MidRanking band is empty"):
         load_recipe(write(tmp_path, BASE), over, world_size=2)
-    load_recipe(
-        write(tmp_path, BASE), [*over, "reweight.window=step", "grad_accum_steps=2"], world_size=2
-    )
+    load_recipe(write(tmp_path, BASE), [*over, "reweight.window=step", "grad_accum_steps=2"], world_size=2)
     with pytest.raises(ConfigError, match="reweight.portion"):
-        load_recipe(write(tmp_path, BASE), ["reweight.scheme=midrank", "reweight.frac=0.5",
-                                            "reweight.portion=2", "micro_batch_size=4"], world_size=1)  # fmt: skip
+        load_recipe(
+            write(tmp_path, BASE),
+            ["reweight.scheme=midrank", "reweight.frac=0.5", "reweight.portion=2", "micro_batch_size=4"],
+            world_size=1,
+        )
 
 
 def test_global_batch_is_checked_against_world_size(tmp_path):
@@ -75,8 +78,15 @@ def test_global_batch_is_checked_against_world_size(tmp_path):
 
 
 def test_ds_json_merge_fills_recipe_keys(tmp_path):
-    r = recipe_from_dict({**BASE, "micro_batch_size": 3, "grad_accum_steps": 2, "optim": {"grad_clip": 0.5},
-                          "ds_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}})  # fmt: skip
+    r = recipe_from_dict(
+        {
+            **BASE,
+            "micro_batch_size": 3,
+            "grad_accum_steps": 2,
+            "optim": {"grad_clip": 0.5},
+            "ds_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        }
+    )
     ds = resolve_ds_config(r, world_size=4)
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
@@ -128,22 +138,30 @@ def test_validate_cli_rejects_typo_with_the_key(tmp_path):
     for folder in ("tok", "data/x"):  # BASE's paths, relative to the working directory
         (tmp_path / folder).mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "irdro.validate", str(p), "reweight.lamm=2"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "irdro.validate", str(p), "reweight.lamm=2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert "reweight.lamm" in out.stderr and "did you mean reweight.lam" in out.stderr
     assert "Traceback" not in out.stderr
-    ok = subprocess.run([sys.executable, "-m", "irdro.validate", str(p), "--world-size", "2"],
-                        cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    ok = subprocess.run(
+        [sys.executable, "-m", "irdro.validate", str(p), "--world-size", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert '"train_batch_size": 2' in ok.stdout
 
 
 def test_trim_top_that_trims_nothing_is_refused(tmp_path):
     over = ["reweight.scheme=irdro", "reweight.trim_top=0.1", "micro_batch_size=4"]
-    with pytest.raises(
-        ConfigError, match=r"reweight.trim_top: floor\(0.1 x window 8\) = 0 trims nothing"
-    ):
+    with pytest.raises(ConfigError, match=r"reweight.trim_top: floor\(0.1 x window 8\) = 0 trims nothing"):
         load_recipe(write(tmp_path, BASE), over, world_size=2)
     load_recipe(write(tmp_path, BASE), over, world_size=3)  # window 12: one sample trimmed
 
@@ -196,12 +214,13 @@ def test_ds_settings_that_break_the_gradient_contract_are_refused(overrides, key
 
 
 def test_harmless_ds_settings_pass():
-    ok = {"gradient_predivide_factor": 1.0, "prescale_gradients": False, "checkpoint": {"tag_validation": "Warn"},
-          "zero_optimization": {"reduce_scatter": True}}  # fmt: skip
-    assert (
-        resolve_ds_config(recipe_from_dict({**BASE, "ds_overrides": ok}), 2)["prescale_gradients"]
-        is False
-    )
+    ok = {
+        "gradient_predivide_factor": 1.0,
+        "prescale_gradients": False,
+        "checkpoint": {"tag_validation": "Warn"},
+        "zero_optimization": {"reduce_scatter": True},
+    }
+    assert resolve_ds_config(recipe_from_dict({**BASE, "ds_overrides": ok}), 2)["prescale_gradients"] is False
 
 
 def test_bf16_with_grad_accum_accumulates_in_fp32():
@@ -210,20 +229,14 @@ def test_bf16_with_grad_accum_accumulates_in_fp32():
         "model": {**BASE["model"], "dtype": "bf16"},
         "ds_config": "ds_configs/zero3_bf16.json",
     }
-    assert resolve_ds_config(recipe_from_dict({**bf16, "grad_accum_steps": 2}), 2)[
-        "data_types"
-    ] == {"grad_accum_dtype": "fp32"}
-    assert "data_types" not in resolve_ds_config(
-        recipe_from_dict(bf16), 2
-    )  # GA 1: nothing to accumulate
-    assert "data_types" not in resolve_ds_config(
-        recipe_from_dict({**BASE, "grad_accum_steps": 2}), 2
-    )  # fp32
+    assert resolve_ds_config(recipe_from_dict({**bf16, "grad_accum_steps": 2}), 2)["data_types"] == {
+        "grad_accum_dtype": "fp32"
+    }
+    assert "data_types" not in resolve_ds_config(recipe_from_dict(bf16), 2)  # GA 1: nothing to accumulate
+    assert "data_types" not in resolve_ds_config(recipe_from_dict({**BASE, "grad_accum_steps": 2}), 2)  # fp32
     mine = {
         **bf16,
         "grad_accum_steps": 2,
         "ds_overrides": {"data_types": {"grad_accum_dtype": "bf16"}},
     }
-    assert (
-        resolve_ds_config(recipe_from_dict(mine), 2)["data_types"]["grad_accum_dtype"] == "bf16"
-    )  # user's choice
+    assert resolve_ds_config(recipe_from_dict(mine), 2)["data_types"]["grad_accum_dtype"] == "bf16"  # user's choice

@@ -60,9 +60,7 @@ def test_round_trip_over_several_shards(tmp_path: Path) -> None:
     ds.verify()
 
 
-@pytest.mark.parametrize(
-    ("vocab_size", "dtype", "top_id"), [(65536, "uint16", 65535), (65537, "uint32", 65536)]
-)
+@pytest.mark.parametrize(("vocab_size", "dtype", "top_id"), [(65536, "uint16", 65535), (65537, "uint32", 65536)])
 def test_dtype_follows_vocab_size(tmp_path: Path, vocab_size: int, dtype: str, top_id: int) -> None:
     write_shards(tmp_path / "ds", [[0, top_id, 7]], vocab_size=vocab_size)
     ds = ShardDataset(tmp_path / "ds")
@@ -252,9 +250,7 @@ def test_split_text_documents(length: int, lengths: list[int]) -> None:
     assert cut.skipped == (None if lengths else "too_short")
     assert cut.num_dropped_chunks == (length > 4 and length % 4 == 1)  # a 1-token tail
     if lengths:
-        np.testing.assert_array_equal(
-            np.concatenate([c for _, c, _ in cut.samples]), tokens[: sum(lengths)]
-        )
+        np.testing.assert_array_equal(np.concatenate([c for _, c, _ in cut.samples]), tokens[: sum(lengths)])
 
 
 def test_truncate_keeps_the_head() -> None:
@@ -274,9 +270,7 @@ def test_masked_documents_drop_unsupervised_chunks_and_truncated_responses() -> 
     trunc = cut_document(tokens, mask, seq_len=6, long_docs="truncate")
     assert (trunc.samples, trunc.skipped) == ([], "truncated_response")
     partial = cut_document(tokens, mask, seq_len=8, long_docs="truncate")
-    assert partial.truncated and [m.tolist() for _, _, m in partial.samples] == [
-        [False] * 6 + [True] * 2
-    ]
+    assert partial.truncated and [m.tolist() for _, _, m in partial.samples] == [[False] * 6 + [True] * 2]
     one = np.array([0, 0, 1], dtype=bool)  # a 1-token response (e.g. only EOS)
     assert cut_document(np.arange(3), one, seq_len=8, long_docs="split").skipped == "too_short"
 
@@ -315,9 +309,7 @@ def test_global_order_is_deterministic_and_stateless() -> None:
 
 
 def test_global_order_without_shuffle_is_identity() -> None:
-    np.testing.assert_array_equal(
-        GlobalOrder(4, seed=0, shuffle=False)[np.arange(10)], np.arange(10) % 4
-    )
+    np.testing.assert_array_equal(GlobalOrder(4, seed=0, shuffle=False)[np.arange(10)], np.arange(10) % 4)
 
 
 # ----------------------------------------------------------------------------- positions
@@ -327,9 +319,7 @@ def test_global_order_without_shuffle_is_identity() -> None:
 def test_sample_positions_cover_a_step_exactly_once(dp: int, ga: int, b: int) -> None:
     step = 5
     g = dp * ga * b
-    got = np.concatenate(
-        [sample_positions(step, m, r, dp, ga, b) for m in range(ga) for r in range(dp)]
-    )
+    got = np.concatenate([sample_positions(step, m, r, dp, ga, b) for m in range(ga) for r in range(dp)])
     assert got.dtype == np.int64
     np.testing.assert_array_equal(np.sort(got), np.arange(step * g, (step + 1) * g))
 
@@ -357,9 +347,7 @@ def _sample(i: int, ids: list[int], labels: list[int] | None = None) -> Sample:
 
 
 def test_collate_pads_right_to_multiple() -> None:
-    batch = collate(
-        [_sample(10, [1, 2, 3]), _sample(11, [4, 5, 6, 7, 8], [-100, -100, 6, 7, 8])], pad_id=0
-    )
+    batch = collate([_sample(10, [1, 2, 3]), _sample(11, [4, 5, 6, 7, 8], [-100, -100, 6, 7, 8])], pad_id=0)
     assert set(batch) == {"input_ids", "labels", "attention_mask", "sample_ids"}
     assert all(t.dtype == torch.int64 for t in batch.values())
     assert batch["input_ids"].shape == (2, 8)
@@ -377,9 +365,7 @@ def test_collate_without_rounding_and_custom_pad() -> None:
 
 
 def test_collate_reads_dataset_samples(tmp_path: Path) -> None:
-    write_shards(
-        tmp_path / "ds", [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], masks=[None, np.arange(9) > 4]
-    )
+    write_shards(tmp_path / "ds", [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], masks=[None, np.arange(9) > 4])
     ds = ShardDataset(tmp_path / "ds")
     batch = collate([ds[1], ds[0]], pad_id=0)
     assert batch["input_ids"].shape == (2, 16)
@@ -392,9 +378,7 @@ def test_collate_reads_dataset_samples(tmp_path: Path) -> None:
 
 def _packed(lengths: list[int], seq_len: int, multiple: int = 1, masks=None) -> tuple:
     samples = [
-        _sample(
-            100 + i, list(range(10 * i + 1, 10 * i + 1 + n)), None if masks is None else masks[i]
-        )
+        _sample(100 + i, list(range(10 * i + 1, 10 * i + 1 + n)), None if masks is None else masks[i])
         for i, n in enumerate(lengths)
     ]
     return samples, collate_packed(samples, pad_id=0, seq_len=seq_len, pad_to_multiple_of=multiple)

@@ -29,8 +29,21 @@ from irdro.config import Recipe, ReweightConfig
 PACKAGE = Path(irdro.__file__).resolve().parent
 # Modules whose tensors reach the model, the window or a collective.
 TRAINING_PATH = ("train.py", "normalize.py", "dist.py", "model.py", "reweight.py", "data.py")
-FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor", "rand", "randn",
-             "randint", "linspace", "eye", "zeros_like_"}  # fmt: skip
+FACTORIES = {
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "tensor",
+    "arange",
+    "as_tensor",
+    "rand",
+    "randn",
+    "randint",
+    "linspace",
+    "eye",
+    "zeros_like_",
+}
 
 
 def _factory_calls_without_device(path: Path) -> list[str]:
@@ -46,9 +59,7 @@ def _factory_calls_without_device(path: Path) -> list[str]:
 
 
 def test_every_tensor_factory_on_the_training_path_names_its_device() -> None:
-    missing = [
-        hit for name in TRAINING_PATH for hit in _factory_calls_without_device(PACKAGE / name)
-    ]
+    missing = [hit for name in TRAINING_PATH for hit in _factory_calls_without_device(PACKAGE / name)]
     assert not missing, "tensor factories without device=: " + ", ".join(missing)
 
 
@@ -64,9 +75,7 @@ def test_only_dist_and_engine_touch_torch_distributed() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
-            if any(
-                n.startswith("torch.distributed") or n.startswith("deepspeed.comm") for n in names
-            ):
+            if any(n.startswith("torch.distributed") or n.startswith("deepspeed.comm") for n in names):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert not offenders, offenders
 
@@ -120,13 +129,21 @@ class FakeEngine(nn.Module):
 def _batch(ids: list[int], length: int = 6) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(sum(ids))
     input_ids = torch.randint(0, 11, (len(ids), length), generator=g, device="cpu")
-    return {"input_ids": input_ids, "labels": input_ids.clone(),
-            "attention_mask": torch.ones_like(input_ids), "sample_ids": torch.tensor(ids, device="cpu")}  # fmt: skip
+    return {
+        "input_ids": input_ids,
+        "labels": input_ids.clone(),
+        "attention_mask": torch.ones_like(input_ids),
+        "sample_ids": torch.tensor(ids, device="cpu"),
+    }
 
 
 def _recipe(window: str, ga: int = 2) -> Recipe:
-    return Recipe(output_dir="unused", micro_batch_size=2, grad_accum_steps=ga,
-                  reweight=ReweightConfig(scheme="irdro", lam=0.5, window=window))  # fmt: skip
+    return Recipe(
+        output_dir="unused",
+        micro_batch_size=2,
+        grad_accum_steps=ga,
+        reweight=ReweightConfig(scheme="irdro", lam=0.5, window=window),
+    )
 
 
 @contextlib.contextmanager
@@ -145,8 +162,14 @@ def test_reweight_window_keeps_every_tensor_on_the_losses_device() -> None:
 
     losses = torch.tensor([[1.0, 2.0, 3.0]], device="cpu")
     with meta_default_device():
-        win = reweight_window(losses, torch.tensor([[True, True, False]], device="cpu"),
-                              torch.tensor([[5, 3, 9]], device="cpu"), ReweightConfig(scheme="irdro"), 0, 1.0)  # fmt: skip
+        win = reweight_window(
+            losses,
+            torch.tensor([[True, True, False]], device="cpu"),
+            torch.tensor([[5, 3, 9]], device="cpu"),
+            ReweightConfig(scheme="irdro"),
+            0,
+            1.0,
+        )
     for name in ("coeffs", "ids", "losses", "weights", "ranks"):
         assert getattr(win, name).device.type == "cpu", name
     expected = torch.softmax(torch.tensor([1.0, 2.0], device="cpu"), 0)
@@ -205,9 +228,7 @@ def test_step_window_scores_the_losses_it_trains_on_with_dropout() -> None:
         return losses
 
     engine = FakeEngine(TinyLM(dropout=0.5), grad_accum_steps=3).train()
-    train_step(
-        engine, [_batch([0, 1]), _batch([2, 3]), _batch([4, 5])], _recipe("step", ga=3), 0, hook
-    )
+    train_step(engine, [_batch([0, 1]), _batch([2, 3]), _batch([4, 5])], _recipe("step", ga=3), 0, hook)
     scored = {m: x for m, grad, x in calls if not grad}
     trained = {m: x for m, grad, x in calls if grad}
     assert scored.keys() == trained.keys() == {0, 1, 2}
@@ -252,9 +273,7 @@ def test_dist_hands_collectives_the_comm_device_and_returns_on_the_callers(monke
     real_to = torch.Tensor.to
 
     def to(self, *args, **kwargs):  # meta holds no values: let the copy back to cpu yield zeros
-        if self.device.type == "meta" and (
-            args[:1] == (torch.device("cpu"),) or kwargs.get("device") == "cpu"
-        ):
+        if self.device.type == "meta" and (args[:1] == (torch.device("cpu"),) or kwargs.get("device") == "cpu"):
             moved.append(self.shape)
             return torch.zeros(self.shape, dtype=self.dtype, device="cpu")
         return real_to(self, *args, **kwargs)

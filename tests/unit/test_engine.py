@@ -24,9 +24,7 @@ def cuda_with_flash(monkeypatch):
 def test_auto_attention_picks_flash_only_for_bf16(cuda_with_flash):
     assert model.resolve_attention("auto", "bf16") == "flash_attention_2"
     assert model.resolve_attention("auto", "fp32") == "sdpa"  # flash kernels reject fp32
-    with pytest.raises(
-        ConfigError, match="model.attention: flash_attention_2 needs model.dtype bf16"
-    ):
+    with pytest.raises(ConfigError, match="model.attention: flash_attention_2 needs model.dtype bf16"):
         model.resolve_attention("flash_attention_2", "fp32")
     assert model.resolve_attention("eager", "fp32") == "eager"
 
@@ -71,7 +69,5 @@ def test_adamw_on_cpu_is_the_plain_one():
     if torch.cuda.is_available():
         pytest.skip("CUDA box")
     assert engine.adamw_implementation(ZERO3) == "torch"
-    opt = engine.build_optimizer(
-        [torch.nn.Parameter(torch.ones(2, device="cpu"))], OptimConfig(), ZERO3
-    )
+    opt = engine.build_optimizer([torch.nn.Parameter(torch.ones(2, device="cpu"))], OptimConfig(), ZERO3)
     assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]

@@ -190,8 +190,10 @@ def test_sample_dump_name_round_trip(step: int) -> None:
     assert sample_dump_step(sample_dump_name(step)) == step
 
 
-@pytest.mark.parametrize("name", ["step_12.json", ".step_00000012.jsonl.tmp-ab12cd34", "step_x.jsonl",
-                                  "weights_step_00000012.jsonl", "step_.jsonl"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    ["step_12.json", ".step_00000012.jsonl.tmp-ab12cd34", "step_x.jsonl", "weights_step_00000012.jsonl", "step_.jsonl"],
+)
 def test_other_names_are_not_dumps(name: str) -> None:
     assert sample_dump_step(name) is None
 
@@ -232,8 +234,13 @@ def test_write_run_files_failure_keeps_old_hf_and_leaves_no_temp(tmp_path: Path)
     from irdro.train import write_run_files
 
     run = RunDir(tmp_path / "run")
-    recipe = recipe_from_dict({"output_dir": str(run.root), "data": {"train": "shards"},
-                               "model": {"config": {"model_type": "llama"}, "tokenizer": "tok"}})  # fmt: skip
+    recipe = recipe_from_dict(
+        {
+            "output_dir": str(run.root),
+            "data": {"train": "shards"},
+            "model": {"config": {"model_type": "llama"}, "tokenizer": "tok"},
+        }
+    )
     write_run_files(recipe, {"a": 1}, _Model(), _Saves("tokenizer.json"))
     assert names(run.root) == ["ds_config.json", "hf", "recipe.yaml"]
     assert names(run.hf) == ["config.json", "generation_config.json", "tokenizer.json"]

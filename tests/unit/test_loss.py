@@ -14,10 +14,7 @@ def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     for b in range(logits.shape[0]):
         t = labels[b, 1:]
         n = int((t != -100).sum())
-        rows.append(
-            F.cross_entropy(logits[b, :-1].float(), t, ignore_index=-100, reduction="sum")
-            / max(n, 1)
-        )
+        rows.append(F.cross_entropy(logits[b, :-1].float(), t, ignore_index=-100, reduction="sum") / max(n, 1))
     return torch.stack(rows)
 
 

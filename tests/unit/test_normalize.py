@@ -12,12 +12,11 @@ from irdro.config import ReweightConfig
 from irdro.reweight import compute_weights
 
 
-def simulate(
-    monkeypatch, per_rank: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cfg, scale
-):
+def simulate(monkeypatch, per_rank: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cfg, scale):
     """Run reweight_window as each rank in turn, with the all-gather answered from `per_rank`."""
-    rows = [torch.stack([x.double().reshape(-1), v.double().reshape(-1), i.double().reshape(-1)], 1)
-            for x, v, i in per_rank]  # fmt: skip
+    rows = [
+        torch.stack([x.double().reshape(-1), v.double().reshape(-1), i.double().reshape(-1)], 1) for x, v, i in per_rank
+    ]
     monkeypatch.setattr(dist, "all_gather_losses", lambda local: torch.stack(rows))
     out = []
     for rank, (losses, valid, ids) in enumerate(per_rank):
@@ -46,10 +45,7 @@ def test_unequal_local_batches_are_masked_and_weights_are_global(monkeypatch):
     assert w0.num_samples == 4 and w0.ids.tolist() == [10, 11, 12, 13]
     # What DeepSpeed applies: the DP mean of each rank's sum(coeffs * losses) = sum_i p_i l_i.
     applied = (
-        sum(
-            float((w.coeffs * torch.nan_to_num(r[0]) * r[1]).sum())
-            for w, r in zip((w0, w1), (r0, r1), strict=True)
-        )
+        sum(float((w.coeffs * torch.nan_to_num(r[0]) * r[1]).sum()) for w, r in zip((w0, w1), (r0, r1), strict=True))
         / 2
     )
     assert math.isclose(applied, w0.weighted_loss, rel_tol=1e-6)
@@ -61,11 +57,16 @@ def test_layout_does_not_change_weights(monkeypatch):
     cfg = ReweightConfig(scheme="midrank", frac=0.5, portion=1)
     losses = torch.tensor([0.3, 0.1, 0.9, 0.5])
     ids = torch.tensor([7, 3, 5, 1])
-    one = simulate(
-        monkeypatch, [(losses[None], torch.ones(1, 4, dtype=torch.bool), ids[None])], cfg, 1
-    )[0]
-    two = simulate(monkeypatch, [(losses[None, 2:], torch.ones(1, 2, dtype=torch.bool), ids[None, 2:]),
-                                 (losses[None, :2], torch.ones(1, 2, dtype=torch.bool), ids[None, :2])], cfg, 2)  # fmt: skip
+    one = simulate(monkeypatch, [(losses[None], torch.ones(1, 4, dtype=torch.bool), ids[None])], cfg, 1)[0]
+    two = simulate(
+        monkeypatch,
+        [
+            (losses[None, 2:], torch.ones(1, 2, dtype=torch.bool), ids[None, 2:]),
+            (losses[None, :2], torch.ones(1, 2, dtype=torch.bool), ids[None, :2]),
+        ],
+        cfg,
+        2,
+    )
     assert torch.equal(one.weights, two[0].weights)
 
 

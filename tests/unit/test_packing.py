@@ -18,11 +18,25 @@ ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 SEQ_LEN = 64
 TINY = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False),
-    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=256, word_embed_proj_dim=32, dropout=0.0),
-}  # fmt: skip
+    "llama": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+    "opt": dict(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=32,
+        dropout=0.0,
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +44,14 @@ def samples(tmp_path_factory, gpt2_tokenizer_dir) -> list:
     """12 real samples: sonnet chunks (fully supervised) and alpaca pairs (prompt masked)."""
     tmp = tmp_path_factory.mktemp("packing")
     kw = dict(seq_len=SEQ_LEN, progress=False)
-    prepare([str(ROOT / "tests/fixtures/shakespeare/sonnets.jsonl")], str(gpt2_tokenizer_dir),
-            str(tmp / "text"), **kw)  # fmt: skip
-    prepare([str(ROOT / "tests/fixtures/chatterbot/alpaca.jsonl")], str(gpt2_tokenizer_dir),
-            str(tmp / "alpaca"), format="alpaca", **kw)  # fmt: skip
+    prepare([str(ROOT / "tests/fixtures/shakespeare/sonnets.jsonl")], str(gpt2_tokenizer_dir), str(tmp / "text"), **kw)
+    prepare(
+        [str(ROOT / "tests/fixtures/chatterbot/alpaca.jsonl")],
+        str(gpt2_tokenizer_dir),
+        str(tmp / "alpaca"),
+        format="alpaca",
+        **kw,
+    )
     text, alpaca = ShardDataset(tmp / "text"), ShardDataset(tmp / "alpaca")
     picked = [text[i] for i in (0, 3, 7, 11, 30, 41)] + [alpaca[i] for i in (0, 5, 9, 17, 40, 66)]
     assert any((s.labels == -100).any() for s in picked)  # some prompts are masked
@@ -61,9 +79,7 @@ def packed(model, samples, seq_len: int = 2 * SEQ_LEN):
     return packed_sample_nll(logits, batch["labels"], batch["segment_ids"], len(samples))
 
 
-@pytest.mark.parametrize(
-    ("kind", "attention"), [("llama", "sdpa"), ("llama", "eager"), ("opt", "sdpa")]
-)
+@pytest.mark.parametrize(("kind", "attention"), [("llama", "sdpa"), ("llama", "eager"), ("opt", "sdpa")])
 def test_packed_losses_and_gradients_equal_unpacked(samples, kind: str, attention: str) -> None:
     model = tiny_model(kind, attention)
     weights = torch.linspace(0.5, 1.5, len(samples))  # a reweighting: per-sample matters

@@ -44,8 +44,12 @@ def raw_recipe(paths: dict[str, Path], missing: str | None = None) -> dict:
         if missing == "model.path"
         else {"config": {"model_type": "llama"}, "tokenizer": p["model.tokenizer"]}
     )
-    return {"output_dir": "runs/x", "model": model, "ds_config": p["ds_config"],
-            "data": {"train": p["data.train"], "eval": p["data.eval"]}}  # fmt: skip
+    return {
+        "output_dir": "runs/x",
+        "model": model,
+        "ds_config": p["ds_config"],
+        "data": {"train": p["data.train"], "eval": p["data.eval"]},
+    }
 
 
 KEYS = ["model.path", "model.tokenizer", "data.train", "data.eval", "ds_config"]
@@ -73,13 +77,19 @@ def test_missing_ds_config_reads_the_same_from_the_merge(tmp_path):
 def test_validate_cli_reports_a_missing_path_in_one_line(tmp_path, key):
     file = tmp_path / "r.yaml"
     file.write_text(yaml.safe_dump(raw_recipe(inputs(tmp_path), missing=key)))
-    proc = subprocess.run([sys.executable, "-m", "irdro.validate", str(file)], env=ENV,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "irdro.validate", str(file)], env=ENV, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f": {key}: " in lines[0] and "does not exist" in lines[0], lines
-    skip = subprocess.run([sys.executable, "-m", "irdro.validate", str(file), "--no-path-checks"],
-                          env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+    skip = subprocess.run(
+        [sys.executable, "-m", "irdro.validate", str(file), "--no-path-checks"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert skip.returncode == (2 if key == "ds_config" else 0), skip.stderr  # the JSON is read
 
 
@@ -94,13 +104,14 @@ def test_tokenizer_folder_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", hub)
     missing = tmp_path / "assets" / "gpt2-tokenizer"
     cfg = ModelConfig(config={"model_type": "llama"}, tokenizer=str(missing))
-    with pytest.raises(ConfigError, match=rf"^model.tokenizer: {missing} does not exist; make it "
-                       rf"with `python tools/fetch_assets.py gpt2-tokenizer --output {missing}`$"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=rf"^model.tokenizer: {missing} does not exist; make it "
+        rf"with `python tools/fetch_assets.py gpt2-tokenizer --output {missing}`$",
+    ):
         load_tokenizer(cfg)
     # a bare hub id is a local path like any other
-    with pytest.raises(
-        ConfigError, match=r"^model.path: org-x/no-such-model does not exist; .*hf download"
-    ):
+    with pytest.raises(ConfigError, match=r"^model.path: org-x/no-such-model does not exist; .*hf download"):
         load_tokenizer(ModelConfig(path="org-x/no-such-model"))
 
 
@@ -128,20 +139,42 @@ def test_existing_folders_load_with_local_files_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("key", "value", "how"),
     [
-        ("model.tokenizer", "assets/gpt2-tokenizer", "make it with `make demo-data` (or `python "
-         "tools/fetch_assets.py gpt2-tokenizer --output assets/gpt2-tokenizer`)"),
-        ("data.eval", "./data/sonnets/eval", "make it with `make demo-data` (or `python tools/"
-         "prepare_data.py --input FILE --tokenizer TOK --output data/sonnets --eval-fraction 0.1`)"),
-        ("data.train", "/x/shards", "make it with `python tools/prepare_data.py --input FILE "
-         "--tokenizer TOK --output /x/shards`"),
-        ("model.path", "assets/smollm2-135m", "make it with `python tools/fetch_assets.py smollm2 "
-         "--output assets/smollm2-135m`"),
-        ("model.path", "facebook/opt-125m", "irdro never downloads from the model hub: `hf download "
-         "facebook/opt-125m --local-dir models/opt-125m`, then set model.path=models/opt-125m"),
-        ("model.path", "models/opt-125m", "it must be a local Hugging Face folder (irdro never "
-         "downloads): `hf download ORG/NAME --local-dir models/opt-125m`"),
+        (
+            "model.tokenizer",
+            "assets/gpt2-tokenizer",
+            "make it with `make demo-data` (or `python "
+            "tools/fetch_assets.py gpt2-tokenizer --output assets/gpt2-tokenizer`)",
+        ),
+        (
+            "data.eval",
+            "./data/sonnets/eval",
+            "make it with `make demo-data` (or `python tools/"
+            "prepare_data.py --input FILE --tokenizer TOK --output data/sonnets --eval-fraction 0.1`)",
+        ),
+        (
+            "data.train",
+            "/x/shards",
+            "make it with `python tools/prepare_data.py --input FILE --tokenizer TOK --output /x/shards`",
+        ),
+        (
+            "model.path",
+            "assets/smollm2-135m",
+            "make it with `python tools/fetch_assets.py smollm2 --output assets/smollm2-135m`",
+        ),
+        (
+            "model.path",
+            "facebook/opt-125m",
+            "irdro never downloads from the model hub: `hf download "
+            "facebook/opt-125m --local-dir models/opt-125m`, then set model.path=models/opt-125m",
+        ),
+        (
+            "model.path",
+            "models/opt-125m",
+            "it must be a local Hugging Face folder (irdro never "
+            "downloads): `hf download ORG/NAME --local-dir models/opt-125m`",
+        ),
     ],
-)  # fmt: skip
+)
 def test_how_to_make(key, value, how):
     from irdro.paths import how_to_make
 

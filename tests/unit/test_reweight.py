@@ -67,9 +67,7 @@ def test_irdro_closed_form_is_softmax():
 
 def test_irdro_large_lam_is_uniform_and_small_lam_is_argmax():
     losses = torch.tensor([0.5, 3.0, 1.0, 2.0])
-    assert torch.allclose(
-        compute_weights(losses, "irdro", lam=1e6), torch.full((4,), 0.25), atol=1e-6
-    )
+    assert torch.allclose(compute_weights(losses, "irdro", lam=1e6), torch.full((4,), 0.25), atol=1e-6)
     p = compute_weights(losses, "irdro", lam=1e-4)
     assert p.argmax() == 1 and p[1] > 1 - 1e-6
 
@@ -89,9 +87,7 @@ def test_irdro_trim_top_zeroes_the_hardest_then_softmaxes_the_rest():
 
 
 def test_midrank_band_exact():
-    losses = torch.tensor(
-        [0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6]
-    )  # descending ranks: 1,5,3,7,2,4,6,0
+    losses = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6])  # descending ranks: 1,5,3,7,2,4,6,0
     p = compute_weights(losses, "midrank", frac=0.25, portion=1)  # c = 2, ranks [2, 4): idx 3, 7
     expect = torch.zeros(8)
     expect[[3, 7]] = 0.5
@@ -102,9 +98,7 @@ def test_midrank_band_exact():
 
 def test_midrank_full_band_is_erm():
     losses = torch.rand(7)
-    assert torch.allclose(
-        compute_weights(losses, "midrank", frac=1.0, portion=0), torch.full((7,), 1 / 7)
-    )
+    assert torch.allclose(compute_weights(losses, "midrank", frac=1.0, portion=0), torch.full((7,), 1 / 7))
 
 
 def test_midrank_ties_are_stable():

@@ -23,8 +23,14 @@ def test_format_side_imports_without_torch(module: str) -> None:
 
 
 def test_prepare_tool_help_imports_without_torch() -> None:
-    out = subprocess.run([sys.executable, "-X", "importtime", "tools/prepare_data.py", "--help"],
-                         cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "tools/prepare_data.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert "usage: prepare_data.py" in out.stdout
     assert "torch" not in out.stderr  # -X importtime lists every imported module on stderr
 
@@ -39,9 +45,7 @@ def _edit_manifest(path: Path, edit) -> None:
 def test_misspelt_manifest_key_is_refused_naming_the_closest(tmp_path: Path) -> None:
     path = write_shards(tmp_path / "ds", [[1, 2, 3]])
     _edit_manifest(path, lambda m: m.update(seqlen=m.pop("seq_len")))
-    with pytest.raises(
-        DataError, match=r"manifest.json: unknown key 'seqlen' \(did you mean 'seq_len'\?\)"
-    ):
+    with pytest.raises(DataError, match=r"manifest.json: unknown key 'seqlen' \(did you mean 'seq_len'\?\)"):
         ShardDataset(path)
 
 
@@ -68,8 +72,7 @@ def test_manifest_round_trips_and_the_writer_refuses_unknown_keys(tmp_path: Path
     on_disk = json.loads((path / MANIFEST_NAME).read_text())
     assert manifest.to_dict() == on_disk and list(manifest.to_dict()) == list(on_disk)
     assert Manifest.from_dict(on_disk) == manifest
-    args = dict(vocab_size=10, tokenizer_name="t", tokenizer_hash="h", seq_len=8, eos_token_id=None,
-                pad_token_id=None)  # fmt: skip
+    args = dict(vocab_size=10, tokenizer_name="t", tokenizer_hash="h", seq_len=8, eos_token_id=None, pad_token_id=None)
     with pytest.raises(ValueError, match="not manifest keys"):
         ShardWriter(tmp_path / "w", meta={"long_doc": "split"}, **args)
     with ShardWriter(tmp_path / "w", **args) as w, pytest.raises(ValueError, match="not a counter"):

@@ -22,8 +22,6 @@ def test_resume_on_other_ranks_warns_with_both_micro_window_sizes(caplog):
 
 def test_step_window_and_erm_do_not_change_meaning(caplog):
     with caplog.at_level(logging.WARNING, logger="irdro.train"):
-        warn_layout_change(
-            Recipe(output_dir="x", reweight=ReweightConfig(scheme="irdro", window="step")), 2, 4
-        )
+        warn_layout_change(Recipe(output_dir="x", reweight=ReweightConfig(scheme="irdro", window="step")), 2, 4)
         warn_layout_change(Recipe(output_dir="x", reweight=ReweightConfig(scheme="erm")), 2, 4)
     assert not caplog.text
