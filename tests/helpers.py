@@ -87,11 +87,12 @@ TINY_LLAMA = dict(
 )
 
 
-def save_tiny_model(path: Path, **overrides) -> Path:
+def save_tiny_model(path: Path, base: dict | None = None, **overrides) -> Path:
+    """A randomly initialised model (seed 1234) of config `base` (the tiny Llama) + `overrides`, saved to `path`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(TINY_LLAMA, **overrides)
+    cfg = dict(base or TINY_LLAMA, **overrides)
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
     model.save_pretrained(path)
@@ -117,12 +118,7 @@ TINY_OPT = dict(
 
 
 def save_tiny_opt(path: Path) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(1234)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_OPT)).save_pretrained(path)
-    return path
+    return save_tiny_model(path, base=TINY_OPT)
 
 
 # ============================================================= end tiny models (tests/distributed)
