@@ -40,20 +40,49 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
+    """This rank's generators: Python, numpy, torch CPU and (on a GPU node) this rank's own device."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()` output. Only this rank's device is set: a checkpoint from a node with more
+    GPUs per node must not index devices this node lacks (older checkpoints hold one state per device:
+    this device's is used where it exists)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list | tuple):
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
+
+
+def own_step_tensors(optimizer) -> int:
+    """Give every parameter's optimizer `step` its own tensor on that parameter's device; returns how
+    many were moved or unshared.
+
+    DeepSpeed's universal-checkpoint load (an elastic resume) assigns `step` as a CPU tensor and, under
+    ZeRO-3, one shared object to every sub-group. torch's fused AdamW needs the step on the parameter's
+    device (its own load_state_dict moves it; this path bypasses that), and a shared step would be
+    incremented once per sub-group per optimizer step.
+    """
+    seen: set[int] = set()
+    fixed = 0
+    for param, state in getattr(optimizer, "state", {}).items():
+        step = state.get("step") if isinstance(state, dict) else None
+        if not torch.is_tensor(step):
+            continue
+        if step.device != param.device or id(step) in seen:
+            state["step"] = step.to(device=param.device, dtype=torch.float32, copy=True)
+            fixed += 1
+        seen.add(id(state["step"]))
+    return fixed
 
 
 def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int = 0) -> str:
@@ -235,6 +264,8 @@ def load(engine, point: ResumePoint, elastic: bool, global_batch: int) -> dict:
         rng_file = tag_dir / "irdro_rng_rank0.pkl"
     with open(rng_file, "rb") as f:
         set_rng_state(pickle.load(f))
+    if elastic:
+        own_step_tensors(getattr(engine.optimizer, "optimizer", engine.optimizer))
     return client_state
 
 

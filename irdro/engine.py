@@ -53,9 +53,9 @@ def init_distributed() -> None:
             MASTER_PORT=str(free_port()),
         )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # before the process group: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def shutdown_distributed() -> None:

@@ -1,0 +1,33 @@
+"""Resume state that only goes wrong on a GPU: optimizer step tensors after an elastic load."""
+
+from __future__ import annotations
+
+import torch
+
+from irdro.checkpoint import own_step_tensors, rng_state, set_rng_state
+
+
+def test_shared_or_misplaced_step_tensors_get_their_own_copy() -> None:
+    """DeepSpeed's universal load assigns one CPU `step` to every ZeRO-3 sub-group; each parameter
+    must end up with its own step (else it counts once per sub-group) on its own device."""
+    params = [torch.nn.Parameter(torch.ones(3, device="cpu")) for _ in range(3)]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    shared = torch.tensor(7.0, device="cpu")
+    for p in params:
+        opt.state[p]["step"] = shared
+    assert own_step_tensors(opt) == 2  # the first keeps the object, the others get copies
+    steps = [opt.state[p]["step"] for p in params]
+    assert len({id(s) for s in steps}) == 3 and all(float(s) == 7.0 for s in steps)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [8.0, 8.0, 8.0]
+    assert own_step_tensors(opt) == 0  # already fine: nothing to do
+
+
+def test_rng_state_round_trip_restores_the_streams() -> None:
+    state = rng_state()
+    a = torch.rand(3, device="cpu")
+    set_rng_state(state)
+    assert torch.equal(a, torch.rand(3, device="cpu"))
