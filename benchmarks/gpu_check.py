@@ -655,7 +655,7 @@ def optim_worker(out: Path, cpu: bool, num_tensors: int, numel: int) -> int:
         out.write_text(json.dumps(res, indent=2))
 
     t0 = time.perf_counter()
-    try:  # what training builds (on CUDA the first build JIT-compiles DeepSpeed's FusedAdam)
+    try:  # what training builds (on CUDA: torch's fused AdamW unless DeepSpeed ships FusedAdam prebuilt)
         from irdro.config import OptimConfig
         from irdro.engine import build_optimizer
 
@@ -702,8 +702,15 @@ def optim_worker(out: Path, cpu: bool, num_tensors: int, numel: int) -> int:
     except Exception as e:
         res["torch_adamw_fused"] = {"ok": False, "error": one_line(e)}
     save()
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc") or (
+        cpp_extension.CUDA_HOME and (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").is_file() and "CUDA_HOME"
+    )
     if cpu:
         res["deepspeed_fused_adam"] = {"ok": False, "error": "skipped: needs CUDA"}
+    elif not nvcc:  # its JIT build needs nvcc; without it the build only burns the time budget
+        res["deepspeed_fused_adam"] = {"ok": False, "error": "skipped: no nvcc to JIT-build it"}
     else:
         try:  # the first construction JIT-builds the op (setup_s); needs nvcc and CUDA_HOME
             from deepspeed.ops.adam import FusedAdam
