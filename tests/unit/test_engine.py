@@ -29,9 +29,8 @@ def test_auto_attention_picks_flash_only_for_bf16(cuda_with_flash):
     assert model.resolve_attention("eager", "fp32") == "eager"
 
 
-def test_auto_attention_without_cuda_is_sdpa():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA box")
+def test_auto_attention_without_cuda_is_sdpa(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert model.resolve_attention("auto", "bf16") == "sdpa"
     with pytest.raises(ConfigError, match="needs CUDA"):
         model.resolve_attention("flash_attention_2", "bf16")
@@ -65,9 +64,8 @@ def test_torch_fused_adamw_is_built(monkeypatch):
     assert opt.defaults["betas"] == (0.9, 0.99) and opt.defaults["eps"] == 1e-6
 
 
-def test_adamw_on_cpu_is_the_plain_one():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA box")
+def test_adamw_on_cpu_is_the_plain_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert engine.adamw_implementation(ZERO3) == "torch"
     opt = engine.build_optimizer([torch.nn.Parameter(torch.ones(2, device="cpu"))], OptimConfig(), ZERO3)
     assert type(opt) is torch.optim.AdamW and not opt.defaults["fused"]
