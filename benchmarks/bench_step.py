@@ -20,6 +20,7 @@ import shutil
 
 from common import (
     BENCH,
+    REWEIGHT_VARIANTS,
     TINY_LLAMA,
     gpt2_tokenizer,
     launch,
@@ -30,12 +31,7 @@ from common import (
     write_results,
 )
 
-VARIANTS = {
-    "erm": {"scheme": "erm", "window": "micro"},
-    "irdro_micro": {"scheme": "irdro", "lam": 1.0, "window": "micro"},
-    "irdro_step": {"scheme": "irdro", "lam": 1.0, "window": "step"},
-    "midrank": {"scheme": "midrank", "frac": 0.5, "portion": 1, "window": "micro"},
-}
+VARIANTS = REWEIGHT_VARIANTS
 
 
 def recipe(model: str, variant: str, steps: int, micro: int, ga: int) -> dict:

@@ -28,6 +28,14 @@ EXTENSIONS = CACHE / "torch_extensions"
 SONNETS = ROOT / "tests" / "fixtures" / "shakespeare" / "sonnets.jsonl"
 PY = sys.executable
 
+# The reweighting each step-time benchmark compares (bench_step.py, gpu_check.py).
+REWEIGHT_VARIANTS = {
+    "erm": {"scheme": "erm", "window": "micro"},
+    "irdro_micro": {"scheme": "irdro", "lam": 1.0, "window": "micro"},
+    "irdro_step": {"scheme": "irdro", "lam": 1.0, "window": "step"},
+    "midrank": {"scheme": "midrank", "frac": 0.5, "portion": 1, "window": "micro"},
+}
+
 # The tiny model of recipes/tiny/cpu_smoke.yaml (random init, GPT-2 tokenizer).
 TINY_LLAMA = dict(
     model_type="llama",

@@ -76,7 +76,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-from common import ROOT, SONNETS, TINY_LLAMA
+from common import REWEIGHT_VARIANTS, ROOT, SONNETS, TINY_LLAMA
 
 PY = sys.executable
 DEFAULT_INPUTS = ROOT / ".gpu_check"
@@ -102,12 +102,8 @@ SHEARED_LLAMA_SHAPE = dict(
     eos_token_id=50256,
 )
 
-# The reweighting of each throughput variant (as in benchmarks/bench_step.py).
-VARIANTS = {
-    "erm": {"scheme": "erm", "window": "micro"},
-    "irdro_micro": {"scheme": "irdro", "lam": 1.0, "window": "micro"},
-    "irdro_step": {"scheme": "irdro", "lam": 1.0, "window": "step"},
-}
+# The reweighting of each throughput variant (those of benchmarks/bench_step.py but MidRanking).
+VARIANTS = {k: REWEIGHT_VARIANTS[k] for k in ("erm", "irdro_micro", "irdro_step")}
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s by a substring of torch.cuda.get_device_name(),
 # first match wins (NVIDIA data sheets). Other GPUs get no MFU (null) rather than a guess.
