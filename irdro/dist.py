@@ -96,7 +96,7 @@ def barrier() -> None:
 
 
 def broadcast_object(obj: object) -> object:
-    """Rank 0's `obj` on every rank (any picklable object; tensors inside stay on CPU). Call on every rank."""
+    """Rank 0's `obj` (any picklable object) on every rank. Call on every rank."""
     if not is_initialized():
         return obj
     box = [obj]

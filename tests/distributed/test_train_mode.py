@@ -31,7 +31,7 @@ def opt_dir(tmp_path_factory):
     return save_tiny_opt(tmp_path_factory.mktemp("tiny-opt"))
 
 
-def test_dropout_model_trains_in_train_mode_and_resumes_exactly(base_recipe, opt_dir, tmp_path):
+def test_dropout_model_trains_in_train_mode_and_resumes_exactly(base_recipe, opt_dir, tmp_path, sonnet_shards):
     recipe = dict(max_steps=4, micro_batch_size=2, grad_accum_steps=2, model__path=str(opt_dir))
     full = ok(run_ranks(base_recipe(**recipe), 2, record=True))
     for rank in full.ranks:
@@ -46,7 +46,7 @@ def test_dropout_model_trains_in_train_mode_and_resumes_exactly(base_recipe, opt
     resumed = {
         **recipe,
         "output_dir": out,
-        "data__eval": full_eval(base_recipe),
+        "data__eval": str(sonnet_shards / "eval"),
         "checkpoint__at_end": True,
     }
     ok(run_ranks(base_recipe(**{**resumed, "max_steps": 2}), 2))
@@ -59,16 +59,11 @@ def test_dropout_model_trains_in_train_mode_and_resumes_exactly(base_recipe, opt
     assert diff == 0.0
 
 
-def full_eval(base_recipe) -> str:
-    train = base_recipe()["data"]["train"]
-    return train.rsplit("/", 1)[0] + "/eval"
-
-
-def test_eval_loss_does_not_depend_on_the_number_of_ranks(base_recipe):
+def test_eval_loss_does_not_depend_on_the_number_of_ranks(base_recipe, sonnet_shards):
     recipe = dict(
         max_steps=1,
         micro_batch_size=2,
-        data__eval=full_eval(base_recipe),
+        data__eval=str(sonnet_shards / "eval"),
         eval__max_samples=7,
         eval__micro_batch_size=3,
     )

@@ -42,7 +42,6 @@ FACTORIES = {
     "randint",
     "linspace",
     "eye",
-    "zeros_like_",
 }
 
 
