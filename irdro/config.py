@@ -175,6 +175,14 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    sequence_parallel: int = 1
+    """Ranks one sample's tokens are split over (DeepSpeed Ulysses); 1 = off."""
+    tensor_parallel: int = 1
+    """Ranks one layer's weights are split over (DeepSpeed AutoTP); 1 = off."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = 0
     """Held-out evaluation every N steps (0 = only before the first and after the last step)."""
@@ -222,6 +230,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     """Seeds the data order and model init (same on every rank)."""
     max_steps: int = 100
@@ -241,6 +250,15 @@ class Recipe:
     fresh; or a checkpoint tag directory (or a checkpoints/ dir, following its `latest`)."""
     max_consecutive_skips: int = 5
     """Abort after this many consecutive steps skipped for a non-finite loss."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of a sample: sequence_parallel x tensor_parallel."""
+        return self.parallel.sequence_parallel * self.parallel.tensor_parallel
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel ranks of a world of `world_size` ranks (world = DP x SP x TP; validated)."""
+        return world_size // self.model_parallel_size
 
     def global_batch(self, dp: int) -> int:
         """Samples per optimizer step over `dp` data-parallel ranks."""
@@ -268,7 +286,7 @@ def load_recipe(
     Args:
         path: recipe file.
         overrides: `dotted.key=value` strings; values are parsed as YAML.
-        world_size: data-parallel size; when given, the batch arithmetic and the reweighting window
+        world_size: all ranks (DP x SP x TP); when given, the layout, batch arithmetic and the reweighting window
             are checked too.
     """
     raw: dict = {}
@@ -426,7 +444,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def validate(r: Recipe, world_size: int | None = None) -> None:
-    """Cross-field checks; with `world_size`, also batch arithmetic and the reweighting window."""
+    """Cross-field checks; with `world_size` (all ranks: DP x SP x TP), also the parallel layout, the
+    batch arithmetic and the reweighting window."""
     _check(bool(r.output_dir), "output_dir", "required (the run directory)")
     m = r.model
     _check(
@@ -491,18 +510,36 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(r.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")
     _check(bool(r.resume), "resume", "auto, never, or a checkpoint directory")
 
+    p = r.parallel
+    _check(p.sequence_parallel >= 1, "parallel.sequence_parallel", "must be >= 1 (1 = off)")
+    _check(p.tensor_parallel >= 1, "parallel.tensor_parallel", "must be >= 1 (1 = off)")
+    _check(
+        p.sequence_parallel == 1 or p.tensor_parallel == 1,
+        "parallel",
+        "sequence_parallel and tensor_parallel cannot both be > 1 (DeepSpeed's Ulysses and AutoTP do "
+        "not compose); pick one",
+    )
+
     if world_size is not None:
         _check(world_size >= 1, "world_size", "must be >= 1")
+        mp = r.model_parallel_size
+        _check(
+            world_size % mp == 0,
+            "parallel",
+            f"world size {world_size} is not divisible by sequence_parallel {p.sequence_parallel} x "
+            f"tensor_parallel {p.tensor_parallel} = {mp}; launch a multiple of {mp} ranks",
+        )
+        dp = r.data_parallel_size(world_size)
         if r.global_batch_size is not None:
             _check(
-                r.global_batch_size == r.global_batch(world_size),
+                r.global_batch_size == r.global_batch(dp),
                 "global_batch_size",
                 f"{r.global_batch_size} != micro_batch_size {r.micro_batch_size} x grad_accum_steps "
-                f"{r.grad_accum_steps} x data-parallel size {world_size} = {r.global_batch(world_size)}",
+                f"{r.grad_accum_steps} x data-parallel size {dp} = {r.global_batch(dp)}",
             )
         check_window = SCHEMES[w.scheme].check_window
         if check_window is not None:
-            check_window(w, r.window_size(world_size))
+            check_window(w, r.window_size(dp))
 
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON
@@ -548,8 +585,8 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def resolve_ds_config(r: Recipe, world_size: int) -> dict:
-    """The DeepSpeed JSON for this recipe: the engine settings of `r.ds_config` + `ds_overrides`,
-    with the recipe-owned batch and clipping keys filled in.
+    """The DeepSpeed JSON for this recipe on `world_size` ranks (DP x SP x TP): the engine settings
+    of `r.ds_config` + `ds_overrides`, with the recipe-owned batch and clipping keys filled in.
 
     The optimizer and LR scheduler are built by irdro.engine from `optim` (client objects), so they
     never appear in the JSON.
@@ -588,7 +625,7 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     ds["train_micro_batch_size_per_gpu"] = r.micro_batch_size
     ds["gradient_accumulation_steps"] = r.grad_accum_steps
-    ds["train_batch_size"] = r.global_batch(world_size)
+    ds["train_batch_size"] = r.global_batch(r.data_parallel_size(world_size))
     ds["gradient_clipping"] = r.optim.grad_clip
     if r.optim.name == "sgd":  # a client optimizer DeepSpeed has no own test for; ZeRO handles it fine
         ds["zero_allow_untested_optimizer"] = True

@@ -297,7 +297,7 @@ def setup(recipe: Recipe) -> Setup:
     for d in (train_data, eval_data):
         if d is not None and recipe.data.verify_checksums:
             d.verify()
-    ds_config = resolve_ds_config(recipe, dp)
+    ds_config = resolve_ds_config(recipe, dist.world_size())
     point = dist.broadcast_object(find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None)
     elastic = point is not None and point.world_size != dp
     if elastic:
@@ -352,7 +352,8 @@ def warn_layout_change(recipe: Recipe, old_dp: int, new_dp: int) -> None:
 def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
     """Train `recipe` on the already-initialised process group; returns the engine for callers."""
     hooks = hooks or Hooks()
-    validate(recipe, world_size=dist.dp_size())
+    validate(recipe, world_size=dist.world_size())
+    dist.init_groups(recipe.parallel.sequence_parallel, recipe.parallel.tensor_parallel)
     seed_everything(recipe.seed)
     s = setup(recipe)
     if hooks.after_setup is not None:

@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--world-size",
         type=int,
         default=int(os.environ.get("WORLD_SIZE", "1")),
-        help="data-parallel size to check the batch arithmetic for (default: $WORLD_SIZE or 1)",
+        help="ranks to check the layout and batch arithmetic for, all of them: data-parallel x "
+        "parallel.sequence_parallel x parallel.tensor_parallel (default: $WORLD_SIZE or 1)",
     )
     parser.add_argument(
         "--no-path-checks",
@@ -53,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {args.recipe}: {e}", file=sys.stderr)
         return 2
-    print(f"# resolved recipe ({args.recipe}, world size {args.world_size})")
+    dp = recipe.data_parallel_size(args.world_size)
+    p = recipe.parallel
+    print(
+        f"# resolved recipe ({args.recipe}, world size {args.world_size} = data-parallel {dp} x "
+        f"sequence-parallel {p.sequence_parallel} x tensor-parallel {p.tensor_parallel}; global batch "
+        f"{recipe.global_batch(dp)} = micro {recipe.micro_batch_size} x GA {recipe.grad_accum_steps} x DP {dp})"
+    )
     print(dump_yaml(recipe), end="")
     print("# DeepSpeed JSON")
     print(json.dumps(ds, indent=2))

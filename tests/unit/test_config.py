@@ -77,6 +77,21 @@ def test_global_batch_is_checked_against_world_size(tmp_path):
         load_recipe(write(tmp_path, BASE), over, world_size=1)
 
 
+def test_world_is_dp_times_sp_times_tp(tmp_path):
+    over = ["micro_batch_size=2", "grad_accum_steps=3", "global_batch_size=12", "parallel.sequence_parallel=2"]
+    r = load_recipe(write(tmp_path, BASE), over, world_size=4)  # DP 2 x SP 2
+    assert r.data_parallel_size(4) == 2 and r.model_parallel_size == 2
+    assert resolve_ds_config(r, 4)["train_batch_size"] == 12
+    with pytest.raises(ConfigError, match=r"global_batch_size: 12 != .* data-parallel size 1 = 6"):
+        load_recipe(write(tmp_path, BASE), over, world_size=2)
+    with pytest.raises(ConfigError, match=r"^parallel: world size 3 is not divisible by .* = 2"):
+        load_recipe(write(tmp_path, BASE), over, world_size=3)
+    with pytest.raises(ConfigError, match=r"^parallel: sequence_parallel and tensor_parallel cannot both"):
+        load_recipe(write(tmp_path, BASE), ["parallel.sequence_parallel=2", "parallel.tensor_parallel=2"])
+    with pytest.raises(ConfigError, match=r"^parallel.tensor_parallel: must be >= 1"):
+        load_recipe(write(tmp_path, BASE), ["parallel.tensor_parallel=0"])
+
+
 def test_ds_json_merge_fills_recipe_keys(tmp_path):
     r = recipe_from_dict(
         {
