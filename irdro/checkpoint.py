@@ -114,7 +114,12 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
         raise RuntimeError(problem)
     if dist.is_main():
         files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.is_file()}
-        marker = {"step": step, "world_size": client_state["world_size"], "files": files}
+        marker = {
+            "step": step,
+            "world_size": client_state["world_size"],
+            "sequence_parallel": client_state["sequence_parallel"],
+            "files": files,
+        }
         atomic_write_text(root / tag / MARKER, json.dumps(marker, indent=1))
         atomic_write_text(root / "latest", tag)
         if keep_last > 0:
@@ -156,6 +161,9 @@ class ResumePoint:
     tag_dir: Path
     step: int
     world_size: int
+    """Data-parallel ranks that wrote it."""
+    sequence_parallel: int = 1
+    """Ranks each sample was split over (markers written before it existed: 1)."""
 
 
 def find_resume(output_dir: str | Path, resume: str) -> ResumePoint | None:
@@ -189,7 +197,12 @@ def find_resume(output_dir: str | Path, resume: str) -> ResumePoint | None:
 
 def _point(tag_dir: Path) -> ResumePoint:
     meta = json.loads((tag_dir / MARKER).read_text())
-    return ResumePoint(tag_dir=tag_dir, step=int(meta["step"]), world_size=int(meta["world_size"]))
+    return ResumePoint(
+        tag_dir=tag_dir,
+        step=int(meta["step"]),
+        world_size=int(meta["world_size"]),
+        sequence_parallel=int(meta.get("sequence_parallel", 1)),
+    )
 
 
 def universal_dir(point: ResumePoint) -> Path:

@@ -256,6 +256,12 @@ class Recipe:
         """Ranks that hold one copy of a sample: sequence_parallel x tensor_parallel."""
         return self.parallel.sequence_parallel * self.parallel.tensor_parallel
 
+    @property
+    def sequence_multiple(self) -> int:
+        """Rows are padded to a multiple of this: data.pad_to_multiple_of, and of
+        parallel.sequence_parallel so every SP rank gets an equal shard."""
+        return math.lcm(self.data.pad_to_multiple_of, self.parallel.sequence_parallel)
+
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel ranks of a world of `world_size` ranks (world = DP x SP x TP; validated)."""
         return world_size // self.model_parallel_size
@@ -520,6 +526,9 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         "not compose); pick one",
     )
 
+    if p.sequence_parallel > 1:
+        _check_sequence_parallel(r)
+
     if world_size is not None:
         _check(world_size >= 1, "world_size", "must be >= 1")
         mp = r.model_parallel_size
@@ -540,6 +549,64 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         check_window = SCHEMES[w.scheme].check_window
         if check_window is not None:
             check_window(w, r.window_size(dp))
+
+
+# Attention implementations DeepSpeed Ulysses runs (it refuses eager: it drops 4D masks).
+SEQUENCE_PARALLEL_ATTENTION = ("auto", "sdpa", "flash_attention_2")
+
+
+def _check_sequence_parallel(r: Recipe) -> None:
+    """What `parallel.sequence_parallel` > 1 needs of the rest of the recipe (the model's head
+    counts are checked by `check_sequence_parallel_heads` once its config is known)."""
+    sp = r.parallel.sequence_parallel
+    _check(
+        r.model.attention in SEQUENCE_PARALLEL_ATTENTION,
+        "model.attention",
+        f"{r.model.attention} cannot run with parallel.sequence_parallel {sp} (DeepSpeed Ulysses needs sdpa or "
+        "flash_attention_2); set model.attention: sdpa",
+    )
+    _check(
+        r.data.packing == "none",
+        "data.packing",
+        f"boundary packing cannot be exact with parallel.sequence_parallel {sp}: Ulysses drops the block-diagonal "
+        "mask and attends causally over the whole row, across documents; set data.packing: none",
+    )
+    _check(
+        r.eval.micro_batch_size in (0, r.micro_batch_size),
+        "eval.micro_batch_size",
+        f"must be 0 or micro_batch_size ({r.micro_batch_size}) with parallel.sequence_parallel {sp} (Ulysses is "
+        "built for one batch size)",
+    )
+
+
+def check_sequence_parallel_heads(r: Recipe, model_config: dict, source: str) -> None:
+    """Ulysses splits attention heads over the SP group: num_attention_heads must be a multiple of
+    parallel.sequence_parallel, and num_key_value_heads a multiple or a divisor of it (kv heads are
+    then replicated).
+
+    Args:
+        r: the recipe.
+        model_config: the HF model config as a dict (model.config, or model.path's config.json).
+        source: what `model_config` came from, for the message.
+    """
+    sp = r.parallel.sequence_parallel
+    if sp == 1:
+        return
+    text = model_config.get("text_config") or model_config  # multimodal configs nest the LM's
+    heads = text.get("num_attention_heads")
+    if heads is None:
+        raise ConfigError(f"parallel.sequence_parallel: {source} has no num_attention_heads to split over {sp} ranks")
+    kv = text.get("num_key_value_heads") or heads
+    _check(
+        heads % sp == 0,
+        "parallel.sequence_parallel",
+        f"{sp} does not divide num_attention_heads {heads} ({source}); use a divisor of {heads}",
+    )
+    _check(
+        kv % sp == 0 or sp % kv == 0,
+        "parallel.sequence_parallel",
+        f"{sp} and num_key_value_heads {kv} ({source}) must divide one another",
+    )
 
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON
@@ -627,6 +694,14 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
     ds["gradient_accumulation_steps"] = r.grad_accum_steps
     ds["train_batch_size"] = r.global_batch(r.data_parallel_size(world_size))
     ds["gradient_clipping"] = r.optim.grad_clip
+    if r.parallel.sequence_parallel > 1:  # DeepSpeed's batch arithmetic: DP = world / this
+        _check(
+            zero_stage(ds) == 3,
+            "parallel.sequence_parallel",
+            f"needs ZeRO stage 3 (irdro.dist._SPSum corrects its gradient average over DP x SP ranks; "
+            f"stage 2 averages over DP), {path.name} has stage {zero_stage(ds)}: use ds_configs/zero3_*.json",
+        )
+        ds["sequence_parallel_size"] = r.parallel.sequence_parallel
     if r.optim.name == "sgd":  # a client optimizer DeepSpeed has no own test for; ZeRO handles it fine
         ds["zero_allow_untested_optimizer"] = True
     return ds
@@ -677,7 +752,7 @@ def _refuse_unsafe_ds_settings(ds: dict, source: str) -> None:
         (
             "sequence_parallel_size",
             lambda v: v is not None,
-            "splits samples over ranks, which irdro's per-sample losses do not support yet",
+            "is the recipe's parallel.sequence_parallel (set that instead)",
         ),
         (
             "checkpoint.load_universal",

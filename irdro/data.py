@@ -232,13 +232,49 @@ def collate_packed(
     }
 
 
-def make_batch(samples: list[Sample], data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
-    """Padded rows (`data.packing: none`) or packed rows of at most the shards' seq_len tokens."""
-    multiple = recipe.data.pad_to_multiple_of
+def shard_sequence(batch: dict[str, torch.Tensor], sp_rank: int, sp_size: int) -> dict[str, torch.Tensor]:
+    """This SP rank's slice of a padded batch along the sequence (DeepSpeed Ulysses).
+
+    Labels are shifted over the whole row first, so the target of a shard's last token is the next
+    shard's first token; position ids are those of the whole row (Ulysses gathers them back for the
+    attention). The attention mask is dropped: Ulysses discards masks and runs causal attention
+    over the gathered row, which leaves right padding invisible to the real tokens.
+
+    Args:
+        batch: `collate`'s output, T a multiple of `sp_size`.
+        sp_rank: this rank's index in its SP group; it gets tokens [k*T/N, (k+1)*T/N).
+        sp_size: N, ranks per SP group.
+
+    Returns:
+        input_ids, shift_labels (target of each position, -100 if none), position_ids: each
+        (B, T/N) int64; sample_ids: (B,) unchanged.
+    """
+    input_ids = batch["input_ids"]
+    rows, width = input_ids.shape
+    if width % sp_size:
+        raise ValueError(f"sequence length {width} is not a multiple of sequence_parallel {sp_size}")
+    shift_labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+    shift_labels[:, :-1] = batch["labels"][:, 1:]
+    position_ids = torch.arange(width, dtype=torch.int64, device=input_ids.device).expand(rows, width)
+    chunk = slice(sp_rank * width // sp_size, (sp_rank + 1) * width // sp_size)
+    return {
+        "input_ids": input_ids[:, chunk].contiguous(),
+        "shift_labels": shift_labels[:, chunk].contiguous(),
+        "position_ids": position_ids[:, chunk].contiguous(),
+        "sample_ids": batch["sample_ids"],
+    }
+
+
+def make_batch(samples: list[Sample], data: ShardDataset, recipe: Recipe, pad_id: int, sp_rank: int = 0) -> dict:
+    """Padded rows (`data.packing: none`) or packed rows of at most the shards' seq_len tokens; with
+    `parallel.sequence_parallel` N > 1, padded to a multiple of N too and cut to SP rank `sp_rank`'s
+    shard (`shard_sequence`; config.validate refuses packing with N > 1)."""
+    multiple, sp = recipe.sequence_multiple, recipe.parallel.sequence_parallel
     if recipe.data.packing == "boundary":
         seq_len = data.manifest.seq_len or max(len(s.input_ids) for s in samples)
         return collate_packed(samples, pad_id, int(seq_len), multiple)
-    return collate(samples, pad_id, multiple)
+    batch = collate(samples, pad_id, multiple)
+    return shard_sequence(batch, sp_rank, sp) if sp > 1 else batch
 
 
 class Batches:
@@ -248,16 +284,20 @@ class Batches:
     the reweighting window and index-based resume do not depend on `data.packing`.
     """
 
-    def __init__(self, data: ShardDataset, recipe: Recipe, pad_id: int, *, dp_rank: int, dp_size: int) -> None:
+    def __init__(
+        self, data: ShardDataset, recipe: Recipe, pad_id: int, *, dp_rank: int, dp_size: int, sp_rank: int = 0
+    ) -> None:
         """Args:
         data: the training shards.
-        recipe: micro_batch_size, grad_accum_steps, seed, data.shuffle/packing.
+        recipe: micro_batch_size, grad_accum_steps, seed, data.shuffle/packing, parallel.
         pad_id: token id of padding.
         dp_rank: this rank's data-parallel rank (irdro.dist.dp_rank()).
         dp_size: the data-parallel world size (irdro.dist.dp_size()).
+        sp_rank: this rank's sequence-parallel rank (irdro.dist.sp_rank()): which shard of each
+            row it gets; every rank of an SP group reads the same samples.
         """
         self.data, self.recipe, self.pad_id = data, recipe, pad_id
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.dp_rank, self.dp_size, self.sp_rank = dp_rank, dp_size, sp_rank
         self.order = GlobalOrder(len(data), recipe.seed, shuffle=recipe.data.shuffle)
 
     def step(self, step: int) -> list[dict[str, torch.Tensor]]:
@@ -267,7 +307,7 @@ class Batches:
         for micro in range(r.grad_accum_steps):
             pos = sample_positions(step, micro, self.dp_rank, self.dp_size, r.grad_accum_steps, r.micro_batch_size)
             samples = [self.data[int(i)] for i in self.order[pos]]
-            out.append(make_batch(samples, self.data, r, self.pad_id))
+            out.append(make_batch(samples, self.data, r, self.pad_id, self.sp_rank))
         return out
 
 
@@ -279,4 +319,5 @@ __all__ = [
     "make_batch",
     "packed_row_capacity",
     "sample_positions",
+    "shard_sequence",
 ]

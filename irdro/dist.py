@@ -171,6 +171,58 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return buf.to(t.device)
 
 
+def sp_all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum of `t` over this rank's SP group, a new tensor on `t`'s device, not differentiable (token
+    counts). Call on every rank; without sequence parallelism a copy of `t`."""
+    if sp_size() == 1:
+        return t.detach().clone()
+    buf = _to_comm(t)
+    tdist.all_reduce(buf, op=tdist.ReduceOp.SUM, group=sp_group())
+    return buf.to(t.device)
+
+
+class _SPSum(torch.autograd.Function):
+    """Forward: the sum over the SP group. Backward: the sum of the upstream gradients over the SP
+    group (the adjoint of a sum), i.e. SP x the upstream gradient, which is the same on every rank.
+
+    Why not the plain upstream gradient: with ZeRO-3 (reduce-scatter) DeepSpeed averages the
+    gradients over its sequence-data-parallel group, DP x SP ranks, while the loss contract
+    (irdro.normalize) expects an average over DP. Each SP rank back-propagates only its shard's
+    share of a sample's loss; the factor SP makes the average exact again
+    (tests/distributed/test_sequence_parallel.py; the plain gradient gives 1/SP of it).
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return sp_all_reduce_sum(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return sp_all_reduce_sum(grad)
+
+
+def sp_sum_differentiable(t: Tensor) -> Tensor:
+    """Sum of `t` (per-sample NLL sums of this rank's sequence shard) over the SP group, with the
+    gradient flowing back into this rank's shard (see `_SPSum`). Call on every rank."""
+    return _SPSum.apply(t)
+
+
+def group_ranks(group: tdist.ProcessGroup | None) -> tuple[int, ...]:
+    """The global ranks of `group` (e.g. one DeepSpeed made), in group-rank order."""
+    return tuple(tdist.get_process_group_ranks(group)) if group is not None else tuple(range(world_size()))
+
+
+def check_sequence_groups(sp: tdist.ProcessGroup, sequence_data: tdist.ProcessGroup) -> None:
+    """Raise unless DeepSpeed's Ulysses groups (`sp`: the attention all-to-all; `sequence_data`: its
+    gradient reduction and ZeRO partitioning) match this module's: the same SP ranks, and the whole
+    world. A mismatch would make the loss sums and the attention exchange talk to different ranks."""
+    if group_ranks(sp) != _layout.mp_ranks or sorted(group_ranks(sequence_data)) != list(range(world_size())):
+        raise RuntimeError(
+            f"irdro bug: DeepSpeed's Ulysses groups (SP {group_ranks(sp)}, sequence-data "
+            f"{group_ranks(sequence_data)}) differ from irdro.dist's (SP {_layout.mp_ranks})"
+        )
+
+
 def barrier() -> None:
     """Wait for every rank. Call on every rank."""
     if is_initialized():

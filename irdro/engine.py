@@ -136,8 +136,9 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
     return f
 
 
-def initialize(recipe: Recipe, model: torch.nn.Module, ds_config: dict):
-    """`deepspeed.initialize` with our optimizer and scheduler; returns the engine."""
+def initialize(recipe: Recipe, model: torch.nn.Module, ds_config: dict, mpu=None):
+    """`deepspeed.initialize` with our optimizer and scheduler; returns the engine. `mpu`: the
+    sequence-parallel state of `irdro.model.enable_sequence_parallel` (None without SP)."""
     import deepspeed
 
     # Callables, so DeepSpeed builds both over the parameters and optimizer it actually manages.
@@ -147,5 +148,6 @@ def initialize(recipe: Recipe, model: torch.nn.Module, ds_config: dict):
         optimizer=lambda params: build_optimizer(params, recipe.optim, ds_config),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.optim, recipe.max_steps)),
         config=ds_config,
+        mpu=mpu,
     )
     return engine

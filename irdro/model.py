@@ -2,9 +2,10 @@
 
 Owns: loading the tokenizer and the model (from a local folder, or random-init from an inline
 config) so that under ZeRO-3 the parameters are sharded while they are created, the attention
-implementation choice, gradient checkpointing, and the per-sample losses (`per_sample_nll`,
-`packed_sample_nll`, both on `token_nll`). Must not: build the engine or
-optimizer (irdro.engine), or reweight.
+implementation choice, gradient checkpointing, DeepSpeed Ulysses sequence parallelism
+(`enable_sequence_parallel`), and the per-sample losses (`per_sample_nll`, `packed_sample_nll`,
+`sharded_sample_nll`, all on `token_nll`). Must not: build the engine or optimizer (irdro.engine),
+or reweight.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from irdro import dist
 from irdro.config import ConfigError, ModelConfig, zero_stage
 from irdro.paths import require_local
 
@@ -127,6 +129,37 @@ def load_model(cfg: ModelConfig, ds_config: dict):
     return model
 
 
+def enable_sequence_parallel(model, sequence_parallel: int, micro_batch_size: int):
+    """Route the model's attention through DeepSpeed Ulysses over `sequence_parallel` ranks; returns
+    the mpu to hand to `deepspeed.initialize` (None when `sequence_parallel` is 1). Call on every
+    rank, once per process, after `irdro.dist.init_groups` and before the engine.
+
+    Ulysses replaces the model's attention implementation (sdpa or flash_attention_2) process-wide:
+    each rank holds T/N tokens of every row, all-to-alls them into T tokens of H/N heads around the
+    core attention, and discards attention masks (causal over the gathered row, position ids
+    gathered from the shards). Its groups are checked against irdro.dist's.
+
+    Raises:
+        ConfigError: Ulysses refuses the model (heads not divisible, eager attention).
+    """
+    if sequence_parallel == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    try:
+        mpu = UlyssesSPAttentionHF.register_with_transformers(
+            model_name_or_path=model,
+            core_attn_implementation=attention_implementation(model),
+            sequence_parallel_size=sequence_parallel,
+            micro_batch_size=micro_batch_size,
+            seq_length_is_variable=True,
+        )
+    except ValueError as e:
+        raise ConfigError(f"parallel.sequence_parallel: {_first_line(e)}") from None
+    dist.check_sequence_groups(mpu.get_sequence_parallel_group(), mpu.get_sequence_data_parallel_group())
+    return mpu
+
+
 # Logit elements up-cast to fp32 at once by `token_nll` (64 MB): a chunk of positions, never the
 # whole [N, V]. Small enough to hide under any model's activations, large enough that the loop over
 # chunks costs nothing next to the exp over them.
@@ -204,10 +237,39 @@ def per_sample_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         counts: (B,) int64 supervised tokens per sample.
     """
     # targets[:, t] is what position t predicts; the last position predicts nothing.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    sums, counts = target_nll_sums(logits, F.pad(labels[:, 1:], (0, 1), value=-100))
+    return sums / counts.clamp(min=1).to(torch.float32), counts
+
+
+def target_nll_sums(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,) fp32 sums of the token NLL and (B,) int64 counts of the targets != -100 of each row.
+
+    Args:
+        logits: (B, T, V) model outputs.
+        targets: (B, T) int64 target of each position (labels already shifted), -100 where none.
+    """
     counts = (targets != -100).sum(dim=1)
     sums = token_nll(logits.flatten(0, 1), targets.flatten()).view(targets.shape).sum(dim=1)
-    return sums / counts.clamp(min=1).to(torch.float32), counts
+    return sums, counts
+
+
+def sharded_sample_nll(logits: Tensor, shift_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """`per_sample_nll` of rows split over the SP group (irdro.data.shard_sequence): this rank's
+    sums and counts are added over the group, the sums differentiably (irdro.dist._SPSum), so
+    every SP rank returns the same per-sample losses as one rank holding the whole rows. A sample
+    with no supervised token on this shard is fine: the counts are global. Call on every rank.
+
+    Args:
+        logits: (B, T/N, V) outputs for this rank's shard.
+        shift_labels: (B, T/N) int64 targets of the shard's positions, -100 where none.
+
+    Returns:
+        losses: (B,) fp32 per-sample mean NLL over the whole row, identical on every SP rank.
+        counts: (B,) int64 supervised tokens of the whole row.
+    """
+    sums, counts = target_nll_sums(logits, shift_labels)
+    counts = dist.sp_all_reduce_sum(counts)
+    return dist.sp_sum_differentiable(sums) / counts.clamp(min=1).to(torch.float32), counts
 
 
 # Attention implementations whose packed path is correct: a 4D block-diagonal mask for sdpa/eager,

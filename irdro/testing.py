@@ -29,6 +29,7 @@ class RankRun:
     log: str
     modes: list[bool] = field(default_factory=list)
     losses: list[list] = field(default_factory=list)
+    layout: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -93,10 +94,11 @@ def run_ranks(
     record: bool = False,
     timeout: float = 300.0,
     env: dict | None = None,
+    patches: tuple[str, ...] = (),
 ) -> Run:
     """`_run_ranks`, tried once more on a fresh port when the rendezvous port was taken in between
     (free_port() releases it before the ranks bind it; another process can grab it)."""
-    kw = dict(nan_at=nan_at, probe=probe, record=record, timeout=timeout, env=env)
+    kw = dict(nan_at=nan_at, probe=probe, record=record, timeout=timeout, env=env, patches=patches)
     run = _run_ranks(recipe, world_size, **kw)
     if any("EADDRINUSE" in r.log or "address already in use" in r.log.lower() for r in run.ranks):
         run = _run_ranks(recipe, world_size, **kw)
@@ -112,6 +114,7 @@ def _run_ranks(
     record: bool,
     timeout: float,
     env: dict | None,
+    patches: tuple[str, ...],
 ) -> Run:
     """Train `recipe` (a plain dict) on `world_size` local processes and collect the results.
 
@@ -122,6 +125,7 @@ def _run_ranks(
         probe: also return the trained engine's logits on `irdro.export.probe_tokens`.
         record: each rank also reports `modes` (the model's train flag at every train_step) and
             `losses` ([step, micro, grad_enabled, per-sample losses] for every forward of a step).
+        patches: names in `PATCHES` applied in every worker before training (negative controls).
         timeout: seconds before every rank is killed (a hang is a failure, not a stuck test run).
     """
     with tempfile.TemporaryDirectory(prefix="irdro-ranks-") as tmp:
@@ -134,6 +138,7 @@ def _run_ranks(
                     "out": tmp,
                     "probe": probe,
                     "record": record,
+                    "patches": list(patches),
                 }
             )
         )
@@ -150,12 +155,45 @@ def _run_ranks(
                     (Path(tmp) / f"log{rank}.txt").read_text(),
                     data.get("modes", []),
                     data.get("losses", []),
+                    data.get("layout", {}),
                 )
             )
         sd_path = Path(tmp) / "state_dict.pt"
         sd = torch.load(sd_path) if sd_path.exists() else None
         probe_path = Path(tmp) / "probe_logits.pt"
         return Run(ranks, sd, torch.load(probe_path) if probe_path.exists() else None)
+
+
+def _world_gather() -> None:
+    """The reweighting gather over the whole world instead of the DP group: with SP > 1 every
+    sample enters the window SP times."""
+    import dataclasses
+
+    from irdro import dist
+
+    dp_gather = dist.all_gather_losses
+
+    def world_gather(local: torch.Tensor) -> torch.Tensor:
+        layout = dist.layout()
+        dist._layout = dataclasses.replace(layout, dp_group=None)
+        try:
+            return dp_gather(local)
+        finally:
+            dist._layout = layout
+
+    dist.all_gather_losses = world_gather
+
+
+def _sp_sum_local() -> None:
+    """The SP sum's backward as the plain upstream gradient (as if the other shards' sums were
+    constants), not the adjoint of the sum."""
+    from irdro import dist
+
+    dist._SPSum.backward = staticmethod(lambda ctx, grad: grad)
+
+
+PATCHES = {"world_gather": _world_gather, "sp_sum_local": _sp_sum_local}
+"""Deliberate breakages a test can apply in its workers, to show that its comparison has teeth."""
 
 
 def _worker(spec_path: str) -> int:
@@ -187,12 +225,17 @@ def _worker(spec_path: str) -> int:
         before_step=record_mode if record else None,
     )
 
+    for name in spec.get("patches", []):
+        PATCHES[name]()
     setup_logging()
     init_distributed()
     code = 0
     try:
         result = train(recipe_from_dict(spec["recipe"]), hooks)
         out["records"] = result.records
+        from irdro import dist
+
+        out["layout"] = {"dp_ranks": list(dist.layout().dp_ranks), "mp_ranks": list(dist.layout().mp_ranks)}
         sd = gathered_state_dict(result.engine)
         if sd is not None:
             torch.save(sd, Path(spec["out"]) / "state_dict.pt")

@@ -24,13 +24,14 @@ import torch
 from torch import Tensor
 
 from irdro import __version__, dist
-from irdro.checkpoint import find_resume, prepare_elastic
+from irdro.checkpoint import ResumePoint, find_resume, prepare_elastic
 from irdro.checkpoint import load as load_checkpoint
 from irdro.checkpoint import save as save_checkpoint
 from irdro.config import (
     ConfigError,
     Recipe,
     add_recipe_arguments,
+    check_sequence_parallel_heads,
     dump_yaml,
     load_recipe,
     resolve_ds_config,
@@ -42,11 +43,13 @@ from irdro.engine import exit_rank, init_distributed, initialize, shutdown_distr
 from irdro.fsio import atomic_write_text, staged_dir
 from irdro.metrics import RankZeroLogger
 from irdro.model import (
+    enable_sequence_parallel,
     load_model,
     load_tokenizer,
     packed_forward,
     packed_sample_nll,
     per_sample_nll,
+    sharded_sample_nll,
 )
 from irdro.normalize import Window, backward_scale, reweight_window
 from irdro.paths import check_local_paths
@@ -132,7 +135,10 @@ def seed_everything(seed: int) -> None:
 def forward_losses(engine, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(B,) fp32 per-sample mean NLL and (B,) supervised-token counts of one micro-batch, in the
     order of `batch["sample_ids"]`; packed batches (they carry `segment_ids`) get one loss per
-    document segment."""
+    document segment; sequence-parallel shards (they carry `shift_labels`) the loss of the whole row."""
+    if "shift_labels" in batch:
+        logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        return sharded_sample_nll(logits, batch["shift_labels"])
     if "segment_ids" in batch:
         logits = packed_forward(engine, batch)
         return packed_sample_nll(logits, batch["labels"], batch["segment_ids"], batch["sample_ids"].numel())
@@ -218,7 +224,7 @@ def evaluate(engine, data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
     for j in range(num_batches):
         idx = [j * bsz * dp + rank * bsz + i for i in range(bsz)]
         keep = torch.tensor([i < n for i in idx], dtype=torch.float64, device=device)
-        batch = make_batch([data[min(i, n - 1)] for i in idx], data, recipe, pad_id)
+        batch = make_batch([data[min(i, n - 1)] for i in idx], data, recipe, pad_id, dist.sp_rank())
         losses, counts = forward_losses(engine, {k: v.to(device) for k, v in batch.items()})
         weight = counts.to(torch.float64) * keep
         nll += torch.stack([(losses.double() * weight).sum(), weight.sum()])
@@ -299,6 +305,7 @@ def setup(recipe: Recipe) -> Setup:
             d.verify()
     ds_config = resolve_ds_config(recipe, dist.world_size())
     point = dist.broadcast_object(find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None)
+    check_resume_layout(point, recipe, dp)
     elastic = point is not None and point.world_size != dp
     if elastic:
         prepare_elastic(point)
@@ -307,7 +314,9 @@ def setup(recipe: Recipe) -> Setup:
     model = load_model(recipe.model, ds_config)
     shards = {"data.train": train_data, "data.eval": eval_data}
     check_shards(tokenizer, shards, model.config.vocab_size)
-    engine = initialize(recipe, model, ds_config)
+    check_sequence_parallel_heads(recipe, model.config.to_dict(), "the model's config")
+    mpu = enable_sequence_parallel(model, recipe.parallel.sequence_parallel, recipe.micro_batch_size)
+    engine = initialize(recipe, model, ds_config, mpu)
     write_run_files(recipe, ds_config, model, tokenizer)
     start = 0
     if point is not None:
@@ -335,6 +344,21 @@ class Hooks:
     after_step: Callable[[int, StepStats, dict], None] | None = None
 
 
+def check_resume_layout(point: ResumePoint | None, recipe: Recipe, dp: int) -> None:
+    """A checkpoint resumes on another number of data-parallel ranks (elastic, universal checkpoint)
+    only without sequence parallelism on either side: with it, ZeRO partitions over DP x SP ranks
+    and files are kept per SP rank, which the universal conversion does not handle."""
+    if point is None:
+        return
+    sp = recipe.parallel.sequence_parallel
+    if (point.sequence_parallel, point.world_size) != (sp, dp) and max(point.sequence_parallel, sp) > 1:
+        raise ConfigError(
+            f"parallel.sequence_parallel: {point.tag_dir} was written by {point.world_size} data-parallel x "
+            f"{point.sequence_parallel} sequence-parallel ranks, this launch has {dp} x {sp}; resume with that "
+            "layout, or export it (tools/convert_to_hf.py) and start a new run from the export"
+        )
+
+
 def warn_layout_change(recipe: Recipe, old_dp: int, new_dp: int) -> None:
     """A resume on another number of data-parallel ranks keeps the global batch (checked on load) but
     changes what a `window: micro` spans; say so, with both sizes."""
@@ -359,7 +383,9 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
     if hooks.after_setup is not None:
         hooks.after_setup(s)
     engine = s.engine
-    batches = Batches(s.train_data, recipe, s.pad_id, dp_rank=dist.dp_rank(), dp_size=dist.dp_size())
+    batches = Batches(
+        s.train_data, recipe, s.pad_id, dp_rank=dist.dp_rank(), dp_size=dist.dp_size(), sp_rank=dist.sp_rank()
+    )
     logger = RankZeroLogger(
         recipe.output_dir,
         total_steps=recipe.max_steps,
@@ -454,6 +480,7 @@ def client_state(recipe: Recipe, step: int, dp: int) -> dict:
         "step": step,
         "consumed_samples": step * recipe.global_batch(dp),
         "world_size": dp,
+        "sequence_parallel": recipe.parallel.sequence_parallel,
         "recipe": recipe.to_dict(),
         "irdro_version": __version__,
     }

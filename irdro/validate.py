@@ -12,12 +12,16 @@ import sys
 
 from irdro.config import (
     ConfigError,
+    Recipe,
     add_recipe_arguments,
+    check_sequence_parallel_heads,
     dump_yaml,
     load_recipe,
     resolve_ds_config,
+    resolve_path,
 )
 from irdro.paths import check_local_paths
+from irdro.shards import DataError, Manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +48,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def check_sequence_parallel(recipe: Recipe, paths: bool) -> str | None:
+    """With `parallel.sequence_parallel` N > 1: the heads check on model.config or model.path's
+    config.json (when it is there), and a line saying how rows are cut (from data.train's manifest
+    when `paths`): padded to a multiple of lcm(data.pad_to_multiple_of, N), T/N tokens per rank."""
+    sp = recipe.parallel.sequence_parallel
+    if sp == 1:
+        return None
+    heads = "heads checked"
+    if recipe.model.config is not None:
+        check_sequence_parallel_heads(recipe, recipe.model.config, "model.config")
+    elif (config := resolve_path(str(recipe.model.path)) / "config.json").is_file():
+        check_sequence_parallel_heads(recipe, json.loads(config.read_text()), str(config))
+    else:
+        heads = "heads not checked: no model.path/config.json here"
+    multiple = recipe.sequence_multiple
+    line = f"# sequence parallel {sp} ({heads}): rows padded to a multiple of {multiple}, T/{sp} tokens per rank"
+    if paths:
+        seq_len = Manifest.read(resolve_path(recipe.data.train)).seq_len
+        if seq_len:
+            padded = -(-seq_len // multiple) * multiple
+            line += f"; data.train seq_len {seq_len}: at most {padded} -> {padded // sp} per rank"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -51,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_path_checks:
             check_local_paths(recipe)
         ds = resolve_ds_config(recipe, args.world_size)
-    except ConfigError as e:
+        sp_line = check_sequence_parallel(recipe, paths=not args.no_path_checks)
+    except (ConfigError, DataError) as e:
         print(f"error: {args.recipe}: {e}", file=sys.stderr)
         return 2
     dp = recipe.data_parallel_size(args.world_size)
@@ -61,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         f"sequence-parallel {p.sequence_parallel} x tensor-parallel {p.tensor_parallel}; global batch "
         f"{recipe.global_batch(dp)} = micro {recipe.micro_batch_size} x GA {recipe.grad_accum_steps} x DP {dp})"
     )
+    if sp_line:
+        print(sp_line)
     print(dump_yaml(recipe), end="")
     print("# DeepSpeed JSON")
     print(json.dumps(ds, indent=2))

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_model
+from helpers import FIXTURES, save_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,24 @@ def sonnet_shards(tmp_path_factory, gpt2_tokenizer_dir, sonnets_jsonl) -> Path:
         [str(sonnets_jsonl)], str(gpt2_tokenizer_dir), str(out), seq_len=48, eval_fraction=0.1, seed=0, progress=False
     )
     assert json.loads((out / "train" / "manifest.json").read_text())["num_samples"] > 100
+    return out
+
+
+@pytest.fixture(scope="session")
+def alpaca_split(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """ChatterBot pairs (prompt-masked, 20-60 tokens) with seq_len 128: rows hold several."""
+    from irdro.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "alpaca"
+    prepare(
+        [str(FIXTURES / "chatterbot" / "alpaca.jsonl")],
+        str(gpt2_tokenizer_dir),
+        str(out),
+        format="alpaca",
+        seq_len=128,
+        eval_fraction=0.1,
+        progress=False,
+    )
     return out
 
 

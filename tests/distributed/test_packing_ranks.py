@@ -4,33 +4,12 @@ window statistics and the eval loss must match an unpacked run on the same data.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from irdro.testing import run_ranks
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def alpaca_split(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
-    """ChatterBot pairs (prompt-masked, 20-60 tokens) with seq_len 128: rows hold several."""
-    from irdro.prepare import prepare
-
-    out = tmp_path_factory.mktemp("shards") / "alpaca"
-    prepare(
-        [str(ROOT / "tests/fixtures/chatterbot/alpaca.jsonl")],
-        str(gpt2_tokenizer_dir),
-        str(out),
-        format="alpaca",
-        seq_len=128,
-        eval_fraction=0.1,
-        progress=False,
-    )
-    return out
 
 
 def test_packed_training_equals_unpacked(base_recipe, alpaca_split) -> None:

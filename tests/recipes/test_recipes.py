@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from irdro.config import load_recipe, resolve_ds_config, zero_stage
+from irdro.validate import check_sequence_parallel
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -37,7 +38,9 @@ def test_recipe_validates_and_merges(path, monkeypatch):
     ws = launch_world_size(path)
     recipe = load_recipe(path, world_size=ws)
     ds = resolve_ds_config(recipe, ws)
-    assert ds["train_batch_size"] == recipe.micro_batch_size * recipe.grad_accum_steps * ws
+    check_sequence_parallel(recipe, paths=False)
+    dp = recipe.data_parallel_size(ws)
+    assert ds["train_batch_size"] == recipe.micro_batch_size * recipe.grad_accum_steps * dp
     assert "gradient_clipping" in ds
 
 
