@@ -21,7 +21,9 @@ counted twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -41,6 +43,7 @@ class Layout:
 
 
 _layout = Layout()
+T = TypeVar("T")
 
 
 def is_initialized() -> bool:
@@ -175,6 +178,30 @@ def barrier() -> None:
     """Wait for every rank. Call on every rank."""
     if is_initialized():
         tdist.barrier()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj` (picklable), in global-rank order, on every rank. Call on every rank."""
+    if not is_initialized():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """`fn()` run on global rank 0 only, its result on every rank; an exception it raises is raised
+    on every rank (so no rank is left waiting in a later collective). Call on every rank."""
+    box: tuple[bool, object] | None = None
+    if is_main():
+        try:
+            box = (True, fn())
+        except Exception as e:  # handed to every rank, raised there
+            box = (False, e)
+    ok, value = broadcast_object(box)
+    if not ok:
+        raise value
+    return value
 
 
 def broadcast_object(obj: object) -> object:

@@ -7,6 +7,7 @@ imported by the training path.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -91,12 +92,13 @@ def run_ranks(
     nan_at: list[tuple[int, int]] = (),
     probe: bool = False,
     record: bool = False,
+    full_disk_at: tuple[int, int] | None = None,
     timeout: float = 300.0,
     env: dict | None = None,
 ) -> Run:
     """`_run_ranks`, tried once more on a fresh port when the rendezvous port was taken in between
     (free_port() releases it before the ranks bind it; another process can grab it)."""
-    kw = dict(nan_at=nan_at, probe=probe, record=record, timeout=timeout, env=env)
+    kw = dict(nan_at=nan_at, probe=probe, record=record, full_disk_at=full_disk_at, timeout=timeout, env=env)
     run = _run_ranks(recipe, world_size, **kw)
     if any("EADDRINUSE" in r.log or "address already in use" in r.log.lower() for r in run.ranks):
         run = _run_ranks(recipe, world_size, **kw)
@@ -110,6 +112,7 @@ def _run_ranks(
     nan_at,
     probe: bool,
     record: bool,
+    full_disk_at: tuple[int, int] | None,
     timeout: float,
     env: dict | None,
 ) -> Run:
@@ -122,6 +125,8 @@ def _run_ranks(
         probe: also return the trained engine's logits on `irdro.export.probe_tokens`.
         record: each rank also reports `modes` (the model's train flag at every train_step) and
             `losses` ([step, micro, grad_enabled, per-sample losses] for every forward of a step).
+        full_disk_at: (step, rank): that rank's DeepSpeed checkpoint writes for the checkpoint after
+            `step` optimizer steps fail with ENOSPC (a full disk), after its first file.
         timeout: seconds before every rank is killed (a hang is a failure, not a stuck test run).
     """
     with tempfile.TemporaryDirectory(prefix="irdro-ranks-") as tmp:
@@ -134,6 +139,7 @@ def _run_ranks(
                     "out": tmp,
                     "probe": probe,
                     "record": record,
+                    "full_disk_at": full_disk_at,
                 }
             )
         )
@@ -182,9 +188,24 @@ def _worker(spec_path: str) -> int:
     def record_mode(step: int, engine) -> None:
         out["modes"].append(bool(engine.module.training))  # the train flag as each step starts
 
+    def fill_disk(setup) -> None:  # from the second file of that checkpoint on, the disk is full
+        step, on_rank = spec["full_disk_at"]
+        ce, tag, seen = setup.engine.checkpoint_engine, f"step_{step:08d}", []
+        original = ce.save
+
+        def save(state_dict, path, *args, **kwargs):
+            if tag in str(path) and rank == on_rank:
+                seen.append(path)
+                if len(seen) > 1:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return original(state_dict, path, *args, **kwargs)
+
+        ce.save = save
+
     hooks = Hooks(
         losses=losses_hook if nan_at or record else None,
         before_step=record_mode if record else None,
+        after_setup=fill_disk if spec.get("full_disk_at") else None,
     )
 
     setup_logging()

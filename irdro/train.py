@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from irdro import __version__, dist
-from irdro.checkpoint import find_resume, prepare_elastic
+from irdro.checkpoint import CheckpointError, find_resume, prepare_elastic
 from irdro.checkpoint import load as load_checkpoint
 from irdro.checkpoint import save as save_checkpoint
 from irdro.config import (
@@ -298,7 +298,7 @@ def setup(recipe: Recipe) -> Setup:
         if d is not None and recipe.data.verify_checksums:
             d.verify()
     ds_config = resolve_ds_config(recipe, dist.world_size())
-    point = dist.broadcast_object(find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None)
+    point = dist.from_main(lambda: find_resume(recipe.output_dir, recipe.resume))
     elastic = point is not None and point.world_size != dp
     if elastic:
         prepare_elastic(point)
@@ -485,7 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     """The command line; `hooks` lets benchmarks observe the run (see `Hooks`). Returns the exit code:
-    0, 2 for a recipe or data error, 3 when training aborted."""
+    0, 2 for a recipe or data error, 3 when training aborted, 4 when a checkpoint could not be saved
+    or converted (every rank stops with the same one-line error)."""
     args = parse_args(argv)
     setup_logging()
     try:
@@ -501,6 +502,10 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     except TrainingAborted as e:
         log.error("error: %s", e)
         return 3
+    except CheckpointError as e:  # raised on every rank together
+        if os.environ.get("RANK", "0") == "0":
+            log.error("error: %s", e)
+        return 4
     return 0
 
 
