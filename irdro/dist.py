@@ -174,6 +174,15 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return buf.to(t.device)
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank of the world. Call on every rank."""
+    if not is_initialized():
+        return flag
+    buf = torch.tensor([int(flag)], dtype=torch.int32, device=comm_device())
+    tdist.all_reduce(buf, op=tdist.ReduceOp.MAX)
+    return bool(buf.item())
+
+
 def barrier() -> None:
     """Wait for every rank. Call on every rank."""
     if is_initialized():

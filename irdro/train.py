@@ -8,6 +8,7 @@ weight math (irdro.reweight) or decide the loss scaling (irdro.normalize).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from irdro import __version__, dist
-from irdro.checkpoint import CheckpointError, find_resume, prepare_elastic
+from irdro.checkpoint import CheckpointError, find_resume, prepare_elastic, tag_for
 from irdro.checkpoint import load as load_checkpoint
 from irdro.checkpoint import save as save_checkpoint
 from irdro.config import (
@@ -39,6 +40,7 @@ from irdro.config import (
 )
 from irdro.data import Batches, make_batch
 from irdro.engine import exit_rank, init_distributed, initialize, shutdown_distributed
+from irdro.faults import EXIT_REQUEUE, Preempted, StopSignals
 from irdro.fsio import atomic_write_text, staged_dir
 from irdro.metrics import RankZeroLogger
 from irdro.model import (
@@ -375,36 +377,44 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
         logger.log({"step": 0, **evaluate(engine, s.eval_data, recipe, s.pad_id)})
 
     consecutive_skips = 0
-    for step in range(s.start_step, recipe.max_steps):
-        if hooks.before_step is not None:
-            hooks.before_step(step, engine)
-        t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
-        stats = train_step(engine, batches.step(step), recipe, step, hooks.losses)
-        done = step + 1
-        record = step_record(engine, stats, done, lr, t0)
-        if s.eval_data is not None and (done == recipe.max_steps or every(done, recipe.eval.every)):
-            record.update(evaluate(engine, s.eval_data, recipe, s.pad_id))
-        if every(done, recipe.log.every) or done == recipe.max_steps or "eval_loss" in record:
-            logger.log(record)
-            logger.histogram("weights", torch.cat([w.weights for w in stats.windows]), done)
-        if every(done, recipe.log.samples_every):
-            logger.samples(done, stats.windows, describe=s.train_data.describe)
-        logger.progress(done, loss=stats.loss, ess=stats.ess, tok_s=record["tokens_per_s"])
-        result.records.append(record)
-        result.steps = done
-        if hooks.after_step is not None:
-            hooks.after_step(step, stats, record)
-        consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
-        if consecutive_skips >= recipe.max_consecutive_skips:
-            raise TrainingAborted(
-                f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
-                f"(last at step {done}); lower optim.lr or check the data"
-            )
-        if every(done, recipe.checkpoint.every) and done < recipe.max_steps:
-            save_step(engine, recipe, done)
-    if recipe.checkpoint.at_end and result.steps > s.start_step:
-        save_step(engine, recipe, result.steps)
-    logger.close()
+    with StopSignals() as stop, contextlib.closing(logger):
+        for step in range(s.start_step, recipe.max_steps):
+            if hooks.before_step is not None:
+                hooks.before_step(step, engine)
+            t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
+            stats = train_step(engine, batches.step(step), recipe, step, hooks.losses)
+            done = step + 1
+            record = step_record(engine, stats, done, lr, t0)
+            if s.eval_data is not None and (done == recipe.max_steps or every(done, recipe.eval.every)):
+                record.update(evaluate(engine, s.eval_data, recipe, s.pad_id))
+            if every(done, recipe.log.every) or done == recipe.max_steps or "eval_loss" in record:
+                logger.log(record)
+                logger.histogram("weights", torch.cat([w.weights for w in stats.windows]), done)
+            if every(done, recipe.log.samples_every):
+                logger.samples(done, stats.windows, describe=s.train_data.describe)
+            logger.progress(done, loss=stats.loss, ess=stats.ess, tok_s=record["tokens_per_s"])
+            result.records.append(record)
+            result.steps = done
+            if hooks.after_step is not None:
+                hooks.after_step(step, stats, record)
+            consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
+            if consecutive_skips >= recipe.max_consecutive_skips:
+                raise TrainingAborted(
+                    f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
+                    f"(last at step {done}); lower optim.lr or check the data"
+                )
+            saved = every(done, recipe.checkpoint.every) and done < recipe.max_steps
+            if saved:
+                save_step(engine, recipe, done)
+            if dist.any_rank(stop.received is not None) and done < recipe.max_steps:  # one rank's signal stops all
+                if not saved:
+                    save_step(engine, recipe, done)
+                raise Preempted(
+                    f"stop signal ({stop.received or 'on another rank'}): stopped after step {done} with "
+                    f"checkpoint {tag_for(done)} saved; run the same command again to resume"
+                )
+        if recipe.checkpoint.at_end and result.steps > s.start_step:
+            save_step(engine, recipe, result.steps)
     return result
 
 
@@ -486,7 +496,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     """The command line; `hooks` lets benchmarks observe the run (see `Hooks`). Returns the exit code:
     0, 2 for a recipe or data error, 3 when training aborted, 4 when a checkpoint could not be saved
-    or converted (every rank stops with the same one-line error)."""
+    or converted (every rank stops with the same one-line error), 75 when a stop signal preempted the
+    run after a checkpoint (see irdro.faults)."""
     args = parse_args(argv)
     setup_logging()
     try:
@@ -502,6 +513,10 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     except TrainingAborted as e:
         log.error("error: %s", e)
         return 3
+    except Preempted as e:  # raised on every rank together, after the checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            log.warning("%s (exit code %d: requeue)", e, EXIT_REQUEUE)
+        return EXIT_REQUEUE
     except CheckpointError as e:  # raised on every rank together
         if os.environ.get("RANK", "0") == "0":
             log.error("error: %s", e)
