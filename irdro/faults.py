@@ -6,8 +6,8 @@ on a stop through `irdro.dist.any_rank` at step boundaries) or save (irdro.train
 
 Exit codes of `python -m irdro.train` (and of the `deepspeed` launcher, which passes a rank's on):
 0 done, 2 recipe or data error, 3 aborted (non-finite losses), 4 checkpoint save or conversion
-failed, 75 preempted: a checkpoint was saved and the same command resumes (`EX_TEMPFAIL`; the sbatch
-script requeues the job on it).
+failed, 5 another rank died or hung (this one stopped instead of waiting), 75 preempted: a checkpoint
+was saved and the same command resumes (`EX_TEMPFAIL`; the sbatch script requeues the job on it).
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
+EXIT_RANK_FAILURE = 5
 EXIT_REQUEUE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(RuntimeError):
     """A stop signal reached some rank: every rank saved a checkpoint and stops (`main` exits 75)."""
+
+
+class RankFailure(RuntimeError):
+    """A collective failed because another rank died or hung; the message names it (`main` exits 5)."""
 
 
 class StopSignals:

@@ -68,3 +68,24 @@ def test_failed_universal_conversion_stops_every_rank(base_recipe):
         assert rank.error.startswith("CheckpointError: resume: converting ") and "full log: " in rank.error
     assert not (tag.parent / "step_00000002_universal").exists()
     assert (tag.parent / "step_00000002_universal.log").is_file()
+
+
+@pytest.mark.parametrize(
+    "how, timeout_min, named",
+    [
+        ("kill", 10.0, "rank 1 stopped answering (no heartbeat; last seen at step 2)"),
+        pytest.param(
+            "freeze", 0.4, "rank 1 stopped answering (no heartbeat; last seen at step 2)", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_a_dead_or_hung_rank_is_named_and_the_others_stop(base_recipe, how, timeout_min, named):
+    recipe = base_recipe(micro_batch_size=2, max_steps=4, collective_timeout_minutes=timeout_min)
+    t0 = time.perf_counter()
+    run = run_ranks(recipe, 2, stop_at=(1, 1, how), timeout=240)
+    took = time.perf_counter() - t0
+    print(f"\n{how} rank 1 at step 2: rank 0 stopped with exit code {run.ranks[0].returncode} after {took:.1f}s")
+    survivor = run.ranks[0]
+    assert survivor.returncode == 5 or (survivor.error or "").startswith("RankFailure"), survivor.log[-3000:]
+    assert named in survivor.log + (survivor.error or "")
+    assert run.ranks[1].returncode == -9
