@@ -89,3 +89,34 @@ def test_a_dead_or_hung_rank_is_named_and_the_others_stop(base_recipe, how, time
     assert survivor.returncode == 5 or (survivor.error or "").startswith("RankFailure"), survivor.log[-3000:]
     assert named in survivor.log + (survivor.error or "")
     assert run.ranks[1].returncode == -9
+
+
+def test_export_onto_a_full_disk_leaves_the_previous_export_intact(base_recipe, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from irdro import export
+    from irdro.export import ExportError, export_hf
+
+    recipe = base_recipe(micro_batch_size=2, max_steps=1, checkpoint__at_end=True)
+    ok(run_ranks(recipe, 1))
+    out = tmp_path / "exported"
+    export_hf(recipe["output_dir"], out, dtype="fp32", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real = export._write_safetensors
+
+    def full_disk(path, *args, **kwargs):
+        real(path, *args, **kwargs)  # the first shard is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(export, "_write_safetensors", full_disk)
+    with pytest.raises(ExportError, match=r"export failed \(No space left on device: .*\); the partial copy was"):
+        export_hf(recipe["output_dir"], out, dtype="fp32", overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")] == []  # no staging left
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(ExportError, match=r"the export needs 0\.\d\d GiB and 0\.00 GiB are free there"):
+        export_hf(recipe["output_dir"], tmp_path / "other", dtype="fp32", progress=False)
