@@ -387,8 +387,9 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
 
     consecutive_skips = 0
     heartbeat = dist.Heartbeat(timeout_s=recipe.collective_timeout_minutes * 60, on_hang=stop_on_hang)
-    try:
-        with StopSignals() as stop, contextlib.closing(logger):
+    # The handlers stay for the error path too: a launcher's SIGTERM must not cut the message short.
+    with StopSignals() as stop, contextlib.closing(logger):
+        try:
             for step in range(s.start_step, recipe.max_steps):
                 heartbeat.at_step(step)
                 if hooks.before_step is not None:
@@ -427,15 +428,15 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
                     )
             if recipe.checkpoint.at_end and result.steps > s.start_step:
                 save_step(engine, recipe, result.steps)
-    except RuntimeError as e:
-        if not dist.is_collective_failure(e):
-            raise
-        raise RankFailure(
-            f"step {heartbeat.step + 1}: a collective failed ({one_line(e)}): {heartbeat.describe()}; "
-            "this rank stops too: rerun to resume from the last checkpoint"
-        ) from None
-    finally:
-        heartbeat.stop()
+        except RuntimeError as e:
+            if not dist.is_collective_failure(e):
+                raise
+            raise RankFailure(
+                f"step {heartbeat.step + 1}: a collective failed ({one_line(e)}): {heartbeat.describe()}; "
+                "this rank stops too: rerun to resume from the last checkpoint"
+            ) from None
+        finally:
+            heartbeat.stop()
     return result
 
 
