@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import random
 import re
 import shutil
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +30,7 @@ import torch
 
 from irdro import dist
 from irdro.config import ConfigError
-from irdro.fsio import atomic_write_text, staged_dir
+from irdro.fsio import atomic_write_text, fsync_file, staged_dir
 from irdro.rundir import CHECKPOINT_DIR as CHECKPOINT_DIR  # re-exported for readers
 from irdro.rundir import RunDir
 
@@ -85,50 +90,144 @@ def own_step_tensors(optimizer) -> int:
     return fixed
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved or converted; one line naming the path and what to do.
+    Raised on every rank together, so none is left waiting in a collective."""
+
+
+@contextmanager
+def _recorded_writes(engine) -> Iterator[list[str]]:
+    """The paths this rank's DeepSpeed writes inside the block: DeepSpeed writes every checkpoint file
+    through its checkpoint engine's `save(state_dict, path)`, which is wrapped for the block."""
+    ce = engine.checkpoint_engine
+    had_own = "save" in vars(ce)
+    original = ce.save
+    written: list[str] = []
+
+    def save(state_dict, path, *args, **kwargs):
+        written.append(str(path))
+        return original(state_dict, path, *args, **kwargs)
+
+    ce.save = save
+    try:
+        yield written
+    finally:
+        if had_own:
+            ce.save = original
+        else:
+            del ce.save
+
+
+def _write_own_files(engine, root: Path, tag: str, client_state: dict) -> tuple[dict[str, int], str | None]:
+    """This rank's part of a save: DeepSpeed's files and our RNG state, each fsynced.
+
+    Returns `({file name: size}, None)`, or `({}, error)` when a write failed (a full disk, a
+    read-only or vanished directory). Call on every rank: a rank whose DeepSpeed save failed still
+    enters the barrier DeepSpeed's save ends with, where the other ranks wait.
+    """
+    ds_done = False
+    try:
+        with _recorded_writes(engine) as written:
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        ds_done = True
+        rng = root / tag / f"irdro_rng_rank{dist.global_rank()}.pkl"
+        with open(rng, "wb") as f:
+            pickle.dump(rng_state(), f)
+        written.append(str(rng))
+        return {Path(p).name: fsync_file(Path(p)) for p in written}, None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if not ds_done:
+            dist.barrier()
+        return {}, f"rank {dist.global_rank()}: {one_line(e)}"
+
+
+def one_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}".strip()
+
+
+def _wait_for_names(tag_dir: Path, names: set[str], timeout_s: float = 30.0) -> set[str]:
+    """The names of `names` still missing from rank 0's listing of `tag_dir` after up to `timeout_s`
+    (a shared filesystem's directory cache can lag the other nodes' writes by seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = names - set(os.listdir(tag_dir))
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(1.0)
+
+
 def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int = 0) -> str:
     """Save tag `step_<step>` atomically, then point `latest` at it and rotate. Call on every rank.
 
-    Every rank writes its DeepSpeed shards and RNG state into the new tag; after a barrier rank 0
-    records every file's size in the marker (a tag without a valid marker is never loaded), then
-    replaces `latest`, then deletes complete tags older than the newest `keep_last` (0 keeps all).
+    Every rank writes and fsyncs its own files (DeepSpeed's shards, its RNG state) and reports their
+    sizes; rank 0 merges the reports into the marker (no `stat` of another node's file through a
+    lagging cache), fsyncs it, and only then replaces `latest` and deletes complete tags older than
+    the newest `keep_last` (0 keeps all). A tag without a valid marker is never loaded.
+
+    Raises:
+        CheckpointError: on every rank, when a rank could not write its files (the partial tag is
+            removed; the previous checkpoint and `latest` are untouched) or rank 0 cannot see them.
     """
     root = RunDir(output_dir).checkpoints
     tag = tag_for(step)
-    if dist.is_main() and (root / tag).exists():  # a leftover of a crash at this very step
-        shutil.rmtree(root / tag)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    with open(root / tag / f"irdro_rng_rank{dist.global_rank()}.pkl", "wb") as f:
-        pickle.dump(rng_state(), f)
-    dist.barrier()
-    problem = None
-    if dist.is_main():
-        missing = [r for r in range(dist.world_size()) if not (root / tag / f"irdro_rng_rank{r}.pkl").is_file()]
+    tag_dir = root / tag
+
+    def clear_leftovers() -> None:  # a crash at this very step; a universal copy of an older tag of this name
+        for d in (tag_dir, universal_dir(tag_dir)):
+            if d.exists():
+                shutil.rmtree(d)
+
+    dist.from_main(clear_leftovers)
+    reports = dist.gather_objects(_write_own_files(engine, root, tag, client_state))
+    errors = [error for _, error in reports if error]
+    if errors:
+        dist.from_main(lambda: shutil.rmtree(tag_dir, ignore_errors=True))
+        raise CheckpointError(_save_failed(root, tag_dir, errors))
+
+    def publish() -> None:
+        files = {name: size for own, _ in reports for name, size in own.items()}
+        missing = _wait_for_names(tag_dir, set(files))
         if missing:
-            problem = (
-                f"{root / tag}: rank 0 cannot see the files of ranks {missing}; output_dir must be on "
-                "a filesystem every node shares (docs/multinode.md)"
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            raise CheckpointError(
+                f"{tag_dir}: rank 0 cannot see {len(missing)} files the other ranks wrote (e.g. "
+                f"{sorted(missing)[0]}); output_dir must be on a filesystem every node shares (docs/multinode.md)"
             )
-    problem = dist.broadcast_object(problem)
-    if problem:  # every rank raises together: no one waits at the next barrier
-        raise RuntimeError(problem)
-    if dist.is_main():
-        files = {p.name: p.stat().st_size for p in sorted((root / tag).iterdir()) if p.is_file()}
         marker = {
             "step": step,
             "world_size": client_state["world_size"],
             "sequence_parallel": client_state["sequence_parallel"],
+            "id": uuid.uuid4().hex,
             "files": files,
         }
-        atomic_write_text(root / tag / MARKER, json.dumps(marker, indent=1))
+        atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=1))  # fsynced before `latest` moves
         atomic_write_text(root / "latest", tag)
         if keep_last > 0:
             for old in complete_tags(root)[keep_last:]:
                 shutil.rmtree(root / old, ignore_errors=True)
-                shutil.rmtree(root / f"{old}_universal", ignore_errors=True)
-    dist.barrier()
+                shutil.rmtree(universal_dir(root / old), ignore_errors=True)
+
+    dist.from_main(publish)
     log.info("checkpoint %s saved", tag)
     return tag
+
+
+def _save_failed(root: Path, tag_dir: Path, errors: list[str]) -> str:
+    """The one-line error of a failed save: what failed, what is intact, the space a save needs."""
+    previous = complete_tags(root)
+    if previous:
+        meta = json.loads((root / previous[0] / MARKER).read_text())
+        need = f"a checkpoint of this run takes {sum(meta['files'].values()) / 2**30:.2f} GiB"
+        kept = f"the previous checkpoint {previous[0]} and `latest` are intact"
+    else:
+        need, kept = "this is the run's first checkpoint", "no earlier checkpoint exists"
+    free = shutil.disk_usage(root).free / 2**30 if root.is_dir() else float("nan")
+    more = f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else ""
+    return (
+        f"checkpoint {tag_dir} not saved: {errors[0]}{more}; the partial tag was removed, {kept}; {need} and "
+        f"{free:.2f} GiB are free on {root}: free space (or point output_dir elsewhere) and rerun to resume"
+    )
 
 
 def check_complete(tag_dir: Path) -> str | None:
@@ -170,6 +269,13 @@ def find_resume(output_dir: str | Path, resume: str) -> ResumePoint | None:
     """What to resume from: `never` -> None; `auto` -> the newest complete tag in `output_dir`
     (incomplete newer tags are skipped with a warning); otherwise a tag directory path."""
     if resume == "never":
+        earlier = complete_tags(RunDir(output_dir).checkpoints)
+        if earlier:
+            raise ConfigError(
+                f"resume: never, but {RunDir(output_dir).checkpoints} holds an earlier run's checkpoints (newest "
+                f"{earlier[0]}), which a later `resume: auto` would pick up instead of this run's: use a new "
+                "output_dir, move those checkpoints away, or continue them with resume: auto"
+            )
         return None
     if resume == "auto":
         root = RunDir(output_dir).checkpoints
@@ -205,42 +311,56 @@ def _point(tag_dir: Path) -> ResumePoint:
     )
 
 
-def universal_dir(point: ResumePoint) -> Path:
-    return point.tag_dir.with_name(point.tag_dir.name + "_universal")
+def universal_dir(tag_dir: Path) -> Path:
+    """Where the universal (any world size) copy of checkpoint `tag_dir` is cached."""
+    return tag_dir.with_name(tag_dir.name + "_universal")
+
+
+def _same_marker(a: Path, b: Path) -> bool:
+    """Both directories carry the same completion marker: the cache `a` was made from this `b`
+    (every save writes a marker with a fresh id, so a tag rewritten by a later run differs)."""
+    try:
+        return json.loads((a / MARKER).read_text()) == json.loads((b / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def conversion_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def prepare_elastic(point: ResumePoint) -> Path:
-    """Convert a checkpoint written by another number of ranks to DeepSpeed's universal format
-    (once; cached next to the tag). Call on every rank; rank 0 converts."""
-    out = universal_dir(point)
-    if dist.is_main() and not (out / MARKER).is_file():
+    """Convert a checkpoint written by another number of ranks to DeepSpeed's universal format,
+    cached beside the tag and reused only while it belongs to that very tag. Call on every rank:
+    rank 0 converts, and a failure is raised on every rank (CheckpointError)."""
+    out = universal_dir(point.tag_dir)
+
+    def convert() -> None:
+        if _same_marker(out, point.tag_dir):
+            return
         log.info("converting %s (%d ranks) to a universal checkpoint", point.tag_dir, point.world_size)
-        # A leftover without the marker (a crash mid-conversion) is replaced once the new one is in place.
+        workers = str(conversion_workers())
+        logfile = out.with_name(out.name + ".log")
+        # A stale or partial cache is replaced once the new one is in place.
         with staged_dir(out, overwrite=True) as tmp:
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder",
-                    str(point.tag_dir),
-                    "--output_folder",
-                    str(tmp),
-                    "--num_extract_workers",
-                    "1",
-                    "--num_merge_workers",
-                    "1",
-                ],
-                capture_output=True,
-                text=True,
-            )
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
+            cmd += [str(point.tag_dir), "--output_folder", str(tmp)]
+            cmd += ["--num_extract_workers", workers, "--num_merge_workers", workers]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"universal conversion of {point.tag_dir} failed:\n{proc.stderr[-2000:]}")
+                atomic_write_text(logfile, proc.stdout + proc.stderr)
+                last = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "no output")
+                raise CheckpointError(
+                    f"resume: converting {point.tag_dir} ({point.world_size} ranks) to a universal checkpoint "
+                    f"failed ({last.strip()}); full log: {logfile}. Resume on {point.world_size} ranks, or "
+                    "fix the cause and rerun"
+                )
             for f in point.tag_dir.iterdir():  # our own resume files travel with it
                 if f.name.startswith("irdro_") and f.name != MARKER:
                     shutil.copy2(f, tmp / f.name)
             shutil.copy2(point.tag_dir / MARKER, tmp / MARKER)
-    dist.barrier()
+
+    dist.from_main(convert)
     return out
 
 
@@ -258,7 +378,7 @@ def load(engine, point: ResumePoint, elastic: bool, global_batch: int) -> dict:
     Raises:
         ConfigError: the checkpoint was trained with another global batch.
     """
-    tag_dir = universal_dir(point) if elastic else point.tag_dir
+    tag_dir = universal_dir(point.tag_dir) if elastic else point.tag_dir
     _, client_state = engine.load_checkpoint(
         str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )

@@ -250,6 +250,9 @@ class Recipe:
     fresh; or a checkpoint tag directory (or a checkpoints/ dir, following its `latest`)."""
     max_consecutive_skips: int = 5
     """Abort after this many consecutive steps skipped for a non-finite loss."""
+    collective_timeout_minutes: float = 10.0
+    """A collective that waits longer fails every rank with an error naming the rank that stopped
+    (NCCL's own default is 30). Keep it above the longest checkpoint save or evaluation."""
 
     @property
     def model_parallel_size(self) -> int:
@@ -507,6 +510,11 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(r.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
     _check(r.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
     _check(r.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
+    _check(
+        r.collective_timeout_minutes > 0 and math.isfinite(r.collective_timeout_minutes),
+        "collective_timeout_minutes",
+        f"must be a finite number > 0, got {r.collective_timeout_minutes}",
+    )
     _check(r.eval.every >= 0, "eval.every", "must be >= 0")
     _check(r.eval.max_samples >= 1, "eval.max_samples", "must be >= 1")
     _check(r.eval.micro_batch_size >= 0, "eval.micro_batch_size", "must be >= 0 (0 = micro_batch_size)")

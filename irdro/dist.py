@@ -21,7 +21,12 @@ counted twice.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -41,6 +46,7 @@ class Layout:
 
 
 _layout = Layout()
+T = TypeVar("T")
 
 
 def is_initialized() -> bool:
@@ -223,10 +229,127 @@ def check_sequence_groups(sp: tdist.ProcessGroup, sequence_data: tdist.ProcessGr
         )
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank of the world. Call on every rank."""
+    if not is_initialized():
+        return flag
+    buf = torch.tensor([int(flag)], dtype=torch.int32, device=comm_device())
+    tdist.all_reduce(buf, op=tdist.ReduceOp.MAX)
+    return bool(buf.item())
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """`e` is a collective that failed because a peer is gone or too slow (a dead rank, a timeout),
+    as gloo and NCCL report it, rather than a bug of the caller."""
+    markers = ("gloo/", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out")
+    return isinstance(e, getattr(tdist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in markers)
+    )
+
+
+class Heartbeat:
+    """Which rank stopped, and a watchdog for hangs: every rank's liveness and step, kept in the
+    rendezvous store (a TCP store on global rank 0).
+
+    A daemon thread increments this rank's beat counter every `interval_s`; `at_step` records the
+    step each rank is on and counts as progress. When `timeout_s` passes without progress (this rank
+    waits in a collective a peer never enters: under NCCL that is a silent hang), the thread calls
+    `on_hang(message)`. `describe` compares the counters over 2.5 intervals: a rank whose counter stood
+    still is dead or frozen; one that beats but is behind in steps is stuck. Start on every rank
+    after the process group; `stop` it when training ends.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float | None = None,
+        on_hang: Callable[[str], None] | None = None,
+        interval_s: float = 5.0,
+    ) -> None:
+        self.interval_s = interval_s if timeout_s is None else min(interval_s, max(0.5, timeout_s / 10))
+        self.timeout_s, self.on_hang = timeout_s, on_hang
+        self.rank, self.step = global_rank(), -1
+        self.store = tdist.distributed_c10d._get_default_store() if is_initialized() else None
+        self._progress = time.monotonic()
+        self._stop = threading.Event()
+        if self.store is not None:
+            self.store.add(f"irdro/beat/{self.rank}", 1)
+            threading.Thread(target=self._beat, name="irdro-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.store.add(f"irdro/beat/{self.rank}", 1)
+            except Exception:  # the store's host is gone; `describe` reports it
+                pass
+            stalled = time.monotonic() - self._progress
+            if self.timeout_s is not None and stalled > self.timeout_s and self.on_hang is not None:
+                self.on_hang(f"no progress for {stalled:.0f}s at step {self.step + 1}: {self.describe()}")
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def at_step(self, step: int) -> None:
+        """This rank starts 0-based optimizer step `step` (progress, for the watchdog and `describe`)."""
+        self.step, self._progress = step, time.monotonic()
+        if self.store is not None:
+            self.store.set(f"irdro/step/{self.rank}", str(step))
+
+    def describe(self) -> str:
+        """Which ranks stopped answering or fell behind (waits 2.5 heartbeat intervals)."""
+        if self.store is None:
+            return "no other rank"
+        world = world_size()
+        others = [r for r in range(world) if r != self.rank]
+        try:
+            before = [self.store.add(f"irdro/beat/{r}", 0) for r in others]
+            time.sleep(2.5 * self.interval_s)
+            after = [self.store.add(f"irdro/beat/{r}", 0) for r in others]
+            keys = {r: f"irdro/step/{r}" for r in range(world)}
+            steps = {r: int(self.store.get(k)) + 1 for r, k in keys.items() if self.store.check([k])}
+        except Exception:
+            host = os.environ.get("MASTER_ADDR", "?")
+            return f"rank 0, which hosts the rendezvous store ({host}), stopped answering"
+        dead = [r for r, a, b in zip(others, before, after, strict=True) if a == b]
+        if dead:
+            return ", ".join(
+                f"rank {r} stopped answering (no heartbeat; last seen at step {steps.get(r, '?')})" for r in dead
+            )
+        mine = steps.get(self.rank, 0)
+        behind = [r for r in others if steps.get(r, 0) < mine]
+        if behind:
+            return ", ".join(f"rank {r} answers but is stuck at step {steps.get(r, '?')}" for r in behind)
+        return "every rank still answers (a slow collective: raise collective_timeout_minutes?)"
+
+
 def barrier() -> None:
     """Wait for every rank. Call on every rank."""
     if is_initialized():
         tdist.barrier()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj` (picklable), in global-rank order, on every rank. Call on every rank."""
+    if not is_initialized():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """`fn()` run on global rank 0 only, its result on every rank; an exception it raises is raised
+    on every rank (so no rank is left waiting in a later collective). Call on every rank."""
+    box: tuple[bool, object] | None = None
+    if is_main():
+        try:
+            box = (True, fn())
+        except Exception as e:  # handed to every rank, raised there
+            box = (False, e)
+    ok, value = broadcast_object(box)
+    if not ok:
+        raise value
+    return value
 
 
 def broadcast_object(obj: object) -> object:

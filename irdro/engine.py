@@ -7,6 +7,7 @@ the launcher and for plain `python -m irdro.train`. Must not: load data or compu
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -28,9 +29,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Start the process group (gloo on CPU, nccl on GPU). A plain `python -m irdro.train` becomes a
-    world of one, so every code path is the distributed one."""
+def init_distributed(timeout_minutes: float = 10.0) -> None:
+    """Start the process group (gloo on CPU, nccl on GPU) whose collectives fail after
+    `timeout_minutes` of waiting. A plain `python -m irdro.train` becomes a world of one, so every
+    code path is the distributed one."""
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -55,7 +57,7 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():  # before the process group: NCCL binds to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def shutdown_distributed() -> None:

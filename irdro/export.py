@@ -112,6 +112,14 @@ def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> lis
     return shards
 
 
+def _existing_parent(path: Path) -> Path:
+    """`path` or its nearest existing ancestor (where free space can be measured)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def export_hf(
     run_dir: str | os.PathLike,
     output: str | os.PathLike,
@@ -158,40 +166,56 @@ def export_hf(
         n: (torch.Size(state[n].shape), target if state[n].dtype.is_floating_point else state[n].dtype) for n in names
     }
 
-    # Written beside `output`, renamed onto it when complete; an old export goes only afterwards.
-    with staged_dir(output, overwrite=True) as tmp:
-        from tqdm.auto import tqdm
-
-        weight_map: dict[str, str] = {}
-        bar = tqdm(
-            total=sum(sizes.values()),
-            unit="B",
-            unit_scale=True,
-            desc="export",
-            disable=not progress,
+    need = sum(sizes.values())
+    free = shutil.disk_usage(_existing_parent(output)).free
+    if free < need:
+        raise ExportError(
+            f"{output}: the export needs {need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free there; "
+            "free space or choose another --output"
         )
-        for i, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    try:
+        # Written beside `output`, renamed onto it when complete; an old export goes only afterwards.
+        with staged_dir(output, overwrite=True) as tmp:
+            from tqdm.auto import tqdm
 
-            def materialise(name: str) -> torch.Tensor:
-                t = state[name]
-                t = t.contiguous() if not isinstance(t, torch.Tensor) else t
-                return t.to(target) if t.dtype.is_floating_point else t
+            weight_map: dict[str, str] = {}
+            bar = tqdm(
+                total=sum(sizes.values()),
+                unit="B",
+                unit_scale=True,
+                desc="export",
+                disable=not progress,
+            )
+            for i, shard in enumerate(shards):
+                fname = (
+                    "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                )
 
-            _write_safetensors(tmp / fname, shard, specs, materialise, {"format": "pt"})
-            for name in shard:
-                weight_map[name] = fname
-                bar.update(sizes[name])
-        bar.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for f in hf_dir.iterdir():  # tokenizer, chat template, generation config
-            if f.is_file() and f.name != "config.json":
-                shutil.copy2(f, tmp / f.name)
-        config.dtype = DTYPE_NAMES[dtype]
-        config.use_cache = True
-        config.save_pretrained(tmp)
+                def materialise(name: str) -> torch.Tensor:
+                    t = state[name]
+                    t = t.contiguous() if not isinstance(t, torch.Tensor) else t
+                    return t.to(target) if t.dtype.is_floating_point else t
+
+                _write_safetensors(tmp / fname, shard, specs, materialise, {"format": "pt"})
+                for name in shard:
+                    weight_map[name] = fname
+                    bar.update(sizes[name])
+            bar.close()
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            for f in hf_dir.iterdir():  # tokenizer, chat template, generation config
+                if f.is_file() and f.name != "config.json":
+                    shutil.copy2(f, tmp / f.name)
+            config.dtype = DTYPE_NAMES[dtype]
+            config.use_cache = True
+            config.save_pretrained(tmp)
+    except OSError as e:  # the disk filled up meanwhile, the directory became unwritable
+        free = shutil.disk_usage(_existing_parent(output)).free
+        raise ExportError(
+            f"{output}: export failed ({e.strerror or e}: {e.filename or output}); the partial copy was removed "
+            f"and {output} is as it was; the export needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free"
+        ) from None
     return {
         "tag": tag_dir.name,
         "tensors": len(names),

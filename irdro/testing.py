@@ -7,9 +7,11 @@ imported by the training path.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,13 +94,24 @@ def run_ranks(
     nan_at: list[tuple[int, int]] = (),
     probe: bool = False,
     record: bool = False,
+    full_disk_at: tuple[int, int] | None = None,
+    stop_at: tuple[int, int, str] | None = None,
     timeout: float = 300.0,
     env: dict | None = None,
     patches: tuple[str, ...] = (),
 ) -> Run:
     """`_run_ranks`, tried once more on a fresh port when the rendezvous port was taken in between
     (free_port() releases it before the ranks bind it; another process can grab it)."""
-    kw = dict(nan_at=nan_at, probe=probe, record=record, timeout=timeout, env=env, patches=patches)
+    kw = dict(
+        nan_at=nan_at,
+        probe=probe,
+        record=record,
+        full_disk_at=full_disk_at,
+        stop_at=stop_at,
+        timeout=timeout,
+        env=env,
+        patches=patches,
+    )
     run = _run_ranks(recipe, world_size, **kw)
     if any("EADDRINUSE" in r.log or "address already in use" in r.log.lower() for r in run.ranks):
         run = _run_ranks(recipe, world_size, **kw)
@@ -112,6 +125,8 @@ def _run_ranks(
     nan_at,
     probe: bool,
     record: bool,
+    full_disk_at: tuple[int, int] | None,
+    stop_at: tuple[int, int, str] | None,
     timeout: float,
     env: dict | None,
     patches: tuple[str, ...],
@@ -126,6 +141,10 @@ def _run_ranks(
         record: each rank also reports `modes` (the model's train flag at every train_step) and
             `losses` ([step, micro, grad_enabled, per-sample losses] for every forward of a step).
         patches: names in `PATCHES` applied in every worker before training (negative controls).
+        full_disk_at: (step, rank): that rank's DeepSpeed checkpoint writes for the checkpoint after
+            `step` optimizer steps fail with ENOSPC (a full disk), after its first file.
+        stop_at: (step, rank, how): as 0-based step `step` starts, that rank dies (`how` = "kill":
+            SIGKILL) or freezes ("freeze": SIGSTOP, as a hung node); the others must not hang.
         timeout: seconds before every rank is killed (a hang is a failure, not a stuck test run).
     """
     with tempfile.TemporaryDirectory(prefix="irdro-ranks-") as tmp:
@@ -139,6 +158,8 @@ def _run_ranks(
                     "probe": probe,
                     "record": record,
                     "patches": list(patches),
+                    "full_disk_at": full_disk_at,
+                    "stop_at": stop_at,
                 }
             )
         )
@@ -217,18 +238,38 @@ def _worker(spec_path: str) -> int:
             losses[0] = math.nan
         return losses
 
-    def record_mode(step: int, engine) -> None:
-        out["modes"].append(bool(engine.module.training))  # the train flag as each step starts
+    def before_step(step: int, engine) -> None:
+        if record:
+            out["modes"].append(bool(engine.module.training))  # the train flag as each step starts
+        if spec.get("stop_at") and spec["stop_at"][:2] == [step, rank]:
+            if spec["stop_at"][2] == "freeze":  # a hung node, ended by the test harness 60 s later
+                subprocess.Popen(["sh", "-c", f"sleep 60; kill -9 {os.getpid()}"], start_new_session=True)
+            os.kill(os.getpid(), signal.SIGKILL if spec["stop_at"][2] == "kill" else signal.SIGSTOP)
+
+    def fill_disk(setup) -> None:  # from the second file of that checkpoint on, the disk is full
+        step, on_rank = spec["full_disk_at"]
+        ce, tag, seen = setup.engine.checkpoint_engine, f"step_{step:08d}", []
+        original = ce.save
+
+        def save(state_dict, path, *args, **kwargs):
+            if tag in str(path) and rank == on_rank:
+                seen.append(path)
+                if len(seen) > 1:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return original(state_dict, path, *args, **kwargs)
+
+        ce.save = save
 
     hooks = Hooks(
         losses=losses_hook if nan_at or record else None,
-        before_step=record_mode if record else None,
+        before_step=before_step if record or spec.get("stop_at") else None,
+        after_setup=fill_disk if spec.get("full_disk_at") else None,
     )
 
     for name in spec.get("patches", []):
         PATCHES[name]()
     setup_logging()
-    init_distributed()
+    init_distributed(spec["recipe"].get("collective_timeout_minutes", 10.0))
     code = 0
     try:
         result = train(recipe_from_dict(spec["recipe"]), hooks)

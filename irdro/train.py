@@ -8,6 +8,7 @@ weight math (irdro.reweight) or decide the loss scaling (irdro.normalize).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from irdro import __version__, dist
-from irdro.checkpoint import ResumePoint, find_resume, prepare_elastic
+from irdro.checkpoint import CheckpointError, ResumePoint, find_resume, one_line, prepare_elastic, tag_for
 from irdro.checkpoint import load as load_checkpoint
 from irdro.checkpoint import save as save_checkpoint
 from irdro.config import (
@@ -40,6 +41,7 @@ from irdro.config import (
 )
 from irdro.data import Batches, make_batch
 from irdro.engine import exit_rank, init_distributed, initialize, shutdown_distributed
+from irdro.faults import EXIT_RANK_FAILURE, EXIT_REQUEUE, Preempted, RankFailure, StopSignals
 from irdro.fsio import atomic_write_text, staged_dir
 from irdro.metrics import RankZeroLogger
 from irdro.model import (
@@ -304,7 +306,7 @@ def setup(recipe: Recipe) -> Setup:
         if d is not None and recipe.data.verify_checksums:
             d.verify()
     ds_config = resolve_ds_config(recipe, dist.world_size())
-    point = dist.broadcast_object(find_resume(recipe.output_dir, recipe.resume) if dist.is_main() else None)
+    point = dist.from_main(lambda: find_resume(recipe.output_dir, recipe.resume))
     check_resume_layout(point, recipe, dp)
     elastic = point is not None and point.world_size != dp
     if elastic:
@@ -373,6 +375,15 @@ def warn_layout_change(recipe: Recipe, old_dp: int, new_dp: int) -> None:
         )
 
 
+def stop_on_hang(message: str) -> None:
+    """The heartbeat's watchdog: this rank waited `collective_timeout_minutes` for a peer; say which
+    one and end the process (exit code 5), instead of a silent hang or NCCL's abort without a name."""
+    log.error(
+        "error: rank %d: %s; stopping this rank: rerun to resume from the last checkpoint", dist.global_rank(), message
+    )
+    exit_rank(EXIT_RANK_FAILURE)
+
+
 def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
     """Train `recipe` on the already-initialised process group; returns the engine for callers."""
     hooks = hooks or Hooks()
@@ -401,36 +412,57 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
         logger.log({"step": 0, **evaluate(engine, s.eval_data, recipe, s.pad_id)})
 
     consecutive_skips = 0
-    for step in range(s.start_step, recipe.max_steps):
-        if hooks.before_step is not None:
-            hooks.before_step(step, engine)
-        t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
-        stats = train_step(engine, batches.step(step), recipe, step, hooks.losses)
-        done = step + 1
-        record = step_record(engine, stats, done, lr, t0)
-        if s.eval_data is not None and (done == recipe.max_steps or every(done, recipe.eval.every)):
-            record.update(evaluate(engine, s.eval_data, recipe, s.pad_id))
-        if every(done, recipe.log.every) or done == recipe.max_steps or "eval_loss" in record:
-            logger.log(record)
-            logger.histogram("weights", torch.cat([w.weights for w in stats.windows]), done)
-        if every(done, recipe.log.samples_every):
-            logger.samples(done, stats.windows, describe=s.train_data.describe)
-        logger.progress(done, loss=stats.loss, ess=stats.ess, tok_s=record["tokens_per_s"])
-        result.records.append(record)
-        result.steps = done
-        if hooks.after_step is not None:
-            hooks.after_step(step, stats, record)
-        consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
-        if consecutive_skips >= recipe.max_consecutive_skips:
-            raise TrainingAborted(
-                f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
-                f"(last at step {done}); lower optim.lr or check the data"
-            )
-        if every(done, recipe.checkpoint.every) and done < recipe.max_steps:
-            save_step(engine, recipe, done)
-    if recipe.checkpoint.at_end and result.steps > s.start_step:
-        save_step(engine, recipe, result.steps)
-    logger.close()
+    heartbeat = dist.Heartbeat(timeout_s=recipe.collective_timeout_minutes * 60, on_hang=stop_on_hang)
+    # The handlers stay for the error path too: a launcher's SIGTERM must not cut the message short.
+    with StopSignals() as stop, contextlib.closing(logger):
+        try:
+            for step in range(s.start_step, recipe.max_steps):
+                heartbeat.at_step(step)
+                if hooks.before_step is not None:
+                    hooks.before_step(step, engine)
+                t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
+                stats = train_step(engine, batches.step(step), recipe, step, hooks.losses)
+                done = step + 1
+                record = step_record(engine, stats, done, lr, t0)
+                if s.eval_data is not None and (done == recipe.max_steps or every(done, recipe.eval.every)):
+                    record.update(evaluate(engine, s.eval_data, recipe, s.pad_id))
+                if every(done, recipe.log.every) or done == recipe.max_steps or "eval_loss" in record:
+                    logger.log(record)
+                    logger.histogram("weights", torch.cat([w.weights for w in stats.windows]), done)
+                if every(done, recipe.log.samples_every):
+                    logger.samples(done, stats.windows, describe=s.train_data.describe)
+                logger.progress(done, loss=stats.loss, ess=stats.ess, tok_s=record["tokens_per_s"])
+                result.records.append(record)
+                result.steps = done
+                if hooks.after_step is not None:
+                    hooks.after_step(step, stats, record)
+                consecutive_skips = consecutive_skips + 1 if stats.skipped else 0
+                if consecutive_skips >= recipe.max_consecutive_skips:
+                    raise TrainingAborted(
+                        f"aborting: {consecutive_skips} consecutive steps had a non-finite loss "
+                        f"(last at step {done}); lower optim.lr or check the data"
+                    )
+                saved = every(done, recipe.checkpoint.every) and done < recipe.max_steps
+                if saved:
+                    save_step(engine, recipe, done)
+                if dist.any_rank(stop.received is not None) and done < recipe.max_steps:  # one rank's signal stops all
+                    if not saved:
+                        save_step(engine, recipe, done)
+                    raise Preempted(
+                        f"stop signal ({stop.received or 'on another rank'}): stopped after step {done} with "
+                        f"checkpoint {tag_for(done)} saved; run the same command again to resume"
+                    )
+            if recipe.checkpoint.at_end and result.steps > s.start_step:
+                save_step(engine, recipe, result.steps)
+        except RuntimeError as e:
+            if not dist.is_collective_failure(e):
+                raise
+            raise RankFailure(
+                f"step {heartbeat.step + 1}: a collective failed ({one_line(e)}): {heartbeat.describe()}; "
+                "this rank stops too: rerun to resume from the last checkpoint"
+            ) from None
+        finally:
+            heartbeat.stop()
     return result
 
 
@@ -512,13 +544,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     """The command line; `hooks` lets benchmarks observe the run (see `Hooks`). Returns the exit code:
-    0, 2 for a recipe or data error, 3 when training aborted."""
+    0, 2 for a recipe or data error, 3 when training aborted, 4 when a checkpoint could not be saved
+    or converted (every rank stops with the same one-line error), 5 when another rank died or hung,
+    75 when a stop signal preempted the run after a checkpoint (see irdro.faults)."""
     args = parse_args(argv)
     setup_logging()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         check_local_paths(recipe)  # before the process group and the model: fail in seconds
-        init_distributed()
+        init_distributed(recipe.collective_timeout_minutes)
         train(recipe, hooks)
         shutdown_distributed()
     except (ConfigError, DataError) as e:
@@ -528,6 +562,17 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     except TrainingAborted as e:
         log.error("error: %s", e)
         return 3
+    except Preempted as e:  # raised on every rank together, after the checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            log.warning("%s (exit code %d: requeue)", e, EXIT_REQUEUE)
+        return EXIT_REQUEUE
+    except RankFailure as e:  # on each surviving rank: the one that died cannot speak
+        log.error("error: rank %d: %s", dist.global_rank(), e)
+        return EXIT_RANK_FAILURE
+    except CheckpointError as e:  # raised on every rank together
+        if os.environ.get("RANK", "0") == "0":
+            log.error("error: %s", e)
+        return 4
     return 0
 
 

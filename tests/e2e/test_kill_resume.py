@@ -1,5 +1,6 @@
-"""kill -9 of the whole launcher process group between two checkpoints, then the same command again:
-the result is bit-identical to a run that was never interrupted."""
+"""Interrupted runs through the `deepspeed` launcher, then the same command again: the result is
+bit-identical to a run that was never interrupted. kill -9 of the whole launcher process group
+between two checkpoints; SIGTERM to one rank (a scheduler's preemption), which saves and exits 75."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from helpers import ROOT, smoke_command
@@ -34,18 +36,47 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_kill9_then_resume_is_bit_identical(tmp_path, smoke_data, gpt2_tokenizer_dir):
-    ref_dir, killed_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, smoke_data, gpt2_tokenizer_dir) -> Path:
+    ref_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     run(smoke_command(ref_dir, smoke_data, gpt2_tokenizer_dir, *OVERRIDES))
+    return ref_dir
 
-    cmd = smoke_command(killed_dir, smoke_data, gpt2_tokenizer_dir, *OVERRIDES)
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
     deadline = time.time() + 300
-    while not any(r["step"] == 3 for r in steps_logged(killed_dir)):  # between checkpoints 2 and 4
-        assert proc.poll() is None and time.time() < deadline, "run ended before step 3"
+    while not any(r["step"] == step for r in steps_logged(run_dir)):
+        assert proc.poll() is None and time.time() < deadline, f"run ended before step {step}"
         time.sleep(0.02)
+
+
+def assert_same_as_uninterrupted(ref_dir: Path, got_dir: Path) -> None:
+    ref_sd = consolidated_fp32(ref_dir / "checkpoints" / "step_00000006")
+    got_sd = consolidated_fp32(got_dir / "checkpoints" / "step_00000006")
+    assert ref_sd.keys() == got_sd.keys()
+    for name in ref_sd:
+        a, b = ref_sd[name], got_sd[name]
+        a = a if isinstance(a, torch.Tensor) else a.contiguous()
+        b = b if isinstance(b, torch.Tensor) else b.contiguous()
+        assert torch.equal(a, b), f"{name} differs after resume"
+    ref_steps, got_steps = steps_logged(ref_dir), steps_logged(got_dir)
+    assert [r["step"] for r in got_steps] == [1, 2, 3, 4, 5, 6]  # lines past the checkpoint were replaced
+    for a, b in zip(ref_steps, got_steps, strict=True):
+        for key in ("loss", "weighted_loss", "ess", "max_weight", "grad_norm", "lr", "tokens"):
+            assert a[key] == b[key], (a["step"], key)
+
+
+def test_kill9_then_resume_is_bit_identical(tmp_path, uninterrupted, smoke_data, gpt2_tokenizer_dir):
+    killed_dir = tmp_path / "killed"
+    cmd = smoke_command(killed_dir, smoke_data, gpt2_tokenizer_dir, *OVERRIDES)
+    proc = start(cmd)
+    wait_for_step(proc, killed_dir, 3)  # between checkpoints 2 and 4
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     latest = (killed_dir / "checkpoints" / "latest").read_text().strip()
@@ -53,24 +84,28 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, smoke_data, gpt2_tokenizer
 
     resumed = run(cmd)
     assert "resumed from" in resumed.stderr + resumed.stdout
+    assert_same_as_uninterrupted(uninterrupted, killed_dir)
 
-    ref_sd = consolidated_fp32(ref_dir / "checkpoints" / "step_00000006")
-    got_sd = consolidated_fp32(killed_dir / "checkpoints" / "step_00000006")
-    assert ref_sd.keys() == got_sd.keys()
-    for name in ref_sd:
-        a, b = ref_sd[name], got_sd[name]
-        a = a if isinstance(a, torch.Tensor) else a.contiguous()
-        b = b if isinstance(b, torch.Tensor) else b.contiguous()
-        assert torch.equal(a, b), f"{name} differs after resume"
-    ref_steps, got_steps = steps_logged(ref_dir), steps_logged(killed_dir)
-    assert [r["step"] for r in got_steps] == [
-        1,
-        2,
-        3,
-        4,
-        5,
-        6,
-    ]  # lines past the checkpoint were replaced
-    for a, b in zip(ref_steps[2:], got_steps[2:], strict=True):
-        for key in ("loss", "weighted_loss", "ess", "max_weight", "grad_norm", "lr", "tokens"):
-            assert a[key] == b[key], (a["step"], key)
+
+def test_sigterm_to_one_rank_saves_exits_75_and_resumes_bit_identical(
+    tmp_path, uninterrupted, smoke_data, gpt2_tokenizer_dir
+):
+    run_dir = tmp_path / "preempted"
+    cmd = smoke_command(run_dir, smoke_data, gpt2_tokenizer_dir, *OVERRIDES)
+    proc = start(cmd)
+    wait_for_step(proc, run_dir, 1)
+    rank1 = next(
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())
+    )
+    t0 = time.perf_counter()
+    rank1.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    print(f"\nSIGTERM to rank 1: launcher exited {proc.returncode} after {time.perf_counter() - t0:.1f}s")
+    assert proc.returncode == 75, out[-3000:]
+    assert "stop signal" in out and "run the same command again to resume" in out and "Traceback" not in out
+    stopped = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 1 <= stopped < 6 and [r["step"] for r in steps_logged(run_dir)][-1] == stopped
+
+    resumed = run(cmd)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'}" in resumed.stderr + resumed.stdout
+    assert_same_as_uninterrupted(uninterrupted, run_dir)

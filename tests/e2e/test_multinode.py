@@ -211,19 +211,27 @@ def test_no_ssh_launch_needs_a_hostfile(tmp_path):
 SBATCH = ROOT / "tools" / "slurm" / "irdro.sbatch"
 # Stand-ins: scontrol lists two nodes; srun runs its command once per node with SLURM_NODEID set;
 # deepspeed records its arguments and the hostfile it was given.
-FAKE_SCONTROL = '[ "$1 $2" = "show hostnames" ] && printf "gpu-a\\ngpu-b\\n"\n'
+FAKE_SCONTROL = """[ "$1 $2" = "show hostnames" ] && printf "gpu-a\\ngpu-b\\n"
+[ "$1" = requeue ] && echo "$2" >> "$FAKE_OUT/requeued"
+exit 0
+"""
 FAKE_SRUN = """while [ "${1#-}" != "$1" ]; do echo "$1" >> "$FAKE_OUT/srun.opts"; shift; done
 for i in 0 1; do SLURM_NODEID=$i "$@" || exit $?; done
 """
 FAKE_DEEPSPEED = """tag=${SLURM_NODEID:-pdsh}
 printf '%s\\n' "$@" > "$FAKE_OUT/deepspeed.$tag"
 cp "$2" "$FAKE_OUT/hostfile.$tag"
+if [ -n "${FAKE_RANK:-}" ] && [ "$tag" = 0 ]; then  # a rank that checkpoints and exits 75 on SIGUSR1
+    bash -c 'trap "echo USR1 >> $FAKE_OUT/rank.signals; exit 75" USR1; touch $FAKE_OUT/rank.up
+             while :; do sleep 0.05; done' -m irdro.train --local_rank=0
+    exit $?
+fi
 """
 
 
-def run_sbatch(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """Run the sbatch script as SLURM would on the first of two 4-GPU nodes, submitted from a
-    checkout at tmp_path/repo (links to this one), with the stand-ins first on PATH."""
+def sbatch_env(tmp_path: Path, **env: str) -> dict:
+    """The environment of the sbatch script as SLURM would start it on the first of two 4-GPU nodes,
+    submitted from a checkout at tmp_path/repo (links to this one), with the stand-ins first on PATH."""
     repo, bin_dir = tmp_path / "repo", tmp_path / "bin"
     repo.mkdir(exist_ok=True)
     bin_dir.mkdir(exist_ok=True)
@@ -263,6 +271,12 @@ def run_sbatch(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPr
     ):
         if name not in env:
             run_env.pop(name, None)
+    return run_env
+
+
+def run_sbatch(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the sbatch script (see `sbatch_env`) to its end."""
+    run_env = sbatch_env(tmp_path, **env)
     return subprocess.run(["bash", str(SBATCH), *args], env=run_env, capture_output=True, text=True, timeout=120)
 
 
@@ -325,3 +339,30 @@ def test_hostfile_example_parses():
 
     pool = fetch_hostfile(str(ROOT / "tools" / "hostfile.example"))
     assert list(pool.items()) == [("node-0", 8), ("node-1", 8)]
+
+
+def test_sbatch_forwards_the_stop_signal_and_requeues_on_75(tmp_path):
+    """SLURM signals the batch shell (--signal=B:USR1@120); the trap passes SIGUSR1 to the ranks on its
+    node, training exits 75 after its checkpoint, and the script requeues the job and exits 75."""
+    import signal
+    import time
+
+    text = SBATCH.read_text()
+    assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text
+    job = subprocess.Popen(
+        ["bash", str(SBATCH), "recipes/tiny/cpu_smoke.yaml"],
+        env=sbatch_env(tmp_path, FAKE_RANK="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while not (tmp_path / "rank.up").exists():
+        assert job.poll() is None and time.time() < deadline, job.stdout.read() if job.poll() is not None else ""
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=60)
+    assert job.returncode == 75, out
+    assert (tmp_path / "rank.signals").read_text() == "USR1\n"
+    assert (tmp_path / "requeued").read_text() == "4242\n"
+    assert "requeueing job 4242" in out

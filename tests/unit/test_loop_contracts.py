@@ -22,7 +22,7 @@ def fake_launch(monkeypatch):
 
     def use(fake) -> None:
         monkeypatch.setattr(irdro.train, "check_local_paths", lambda recipe: None)
-        monkeypatch.setattr(irdro.train, "init_distributed", lambda: None)
+        monkeypatch.setattr(irdro.train, "init_distributed", lambda *a: None)
         monkeypatch.setattr(irdro.train, "shutdown_distributed", lambda: None)
         monkeypatch.setattr(irdro.train, "train", fake)
 
