@@ -80,6 +80,11 @@ def layout() -> Layout:
     return _layout
 
 
+def group_ranks(group: tdist.ProcessGroup) -> tuple[int, ...]:
+    """The global ranks of `group` (one made here or by DeepSpeed), in group-rank order."""
+    return tuple(tdist.get_process_group_ranks(group))
+
+
 def dp_group() -> tdist.ProcessGroup | None:
     """The data-parallel group: the world unless `init_groups` split it."""
     return _layout.dp_group

@@ -37,7 +37,7 @@ def test_recipe_validates_and_merges(path, monkeypatch):
     ws = launch_world_size(path)
     recipe = load_recipe(path, world_size=ws)
     ds = resolve_ds_config(recipe, ws)
-    assert ds["train_batch_size"] == recipe.micro_batch_size * recipe.grad_accum_steps * ws
+    assert ds["train_batch_size"] == recipe.micro_batch_size * recipe.grad_accum_steps * recipe.data_parallel_size(ws)
     assert "gradient_clipping" in ds
 
 
