@@ -200,7 +200,18 @@ def universal_dir(point: ResumePoint) -> Path:
 
 def prepare_elastic(point: ResumePoint) -> Path:
     """Convert a checkpoint written by another number of ranks to DeepSpeed's universal format
-    (once; cached next to the tag). Call on every rank; rank 0 converts."""
+    (once; cached next to the tag). Call on every rank; rank 0 converts.
+
+    Raises:
+        ConfigError: the tag was saved with tensor parallelism, which the conversion cannot merge.
+    """
+    saved_tp = _tensor_parallel_degree(point.tag_dir)
+    if saved_tp > 1:
+        raise ConfigError(
+            f"resume: {point.tag_dir} was saved with parallel.tensor_parallel={saved_tp} on {point.world_size} "
+            f"data-parallel ranks; DeepSpeed cannot convert AutoTP checkpoints to another layout: launch the "
+            f"same layout, or export it (tools/convert_to_hf.py) and start a new run from the export"
+        )
     out = universal_dir(point)
     if dist.is_main() and not (out / MARKER).is_file():
         log.info("converting %s (%d ranks) to a universal checkpoint", point.tag_dir, point.world_size)
@@ -245,9 +256,15 @@ def load(engine, point: ResumePoint, elastic: bool, global_batch: int) -> dict:
             only valid for the global batch the checkpoint was trained with.
 
     Raises:
-        ConfigError: the checkpoint was trained with another global batch.
+        ConfigError: the checkpoint was trained with another global batch or tensor-parallel size.
     """
     tag_dir = universal_dir(point) if elastic else point.tag_dir
+    saved_tp, tp = _tensor_parallel_degree(tag_dir), max(1, engine.autotp_size())
+    if saved_tp != tp:
+        raise ConfigError(
+            f"resume: {point.tag_dir} was saved with parallel.tensor_parallel={saved_tp}, this launch has {tp}; "
+            f"resume with the same tensor_parallel, or export it (tools/convert_to_hf.py) and start a new run"
+        )
     _, client_state = engine.load_checkpoint(
         str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )

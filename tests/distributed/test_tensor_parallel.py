@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import save_tiny_model
 
 from irdro.testing import run_ranks
 
@@ -74,21 +75,52 @@ def test_tp2_dp2_equals_tp1_dp2(base_recipe):
     assert diff <= TOL
 
 
-def test_tp_export_matches_training_logits(base_recipe, tmp_path):
-    """A TP 2 checkpoint exports to one HF folder (full weights) whose logits equal the engine's."""
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_tp_export_matches_training_logits(base_recipe, tmp_path, tied):
+    """A TP 2 checkpoint exports to one HF folder (full weights) whose logits equal the engine's;
+    a tied LM head stays replicated and tied."""
     from transformers import AutoModelForCausalLM
 
     from irdro.export import export_hf, probe_tokens, verify
 
-    recipe = base_recipe(micro_batch_size=4, max_steps=2, parallel__tensor_parallel=2, checkpoint__at_end=True)
+    model_dir = save_tiny_model(tmp_path / "model", tie_word_embeddings=tied)
+    recipe = base_recipe(
+        micro_batch_size=4,
+        max_steps=2,
+        parallel__tensor_parallel=2,
+        checkpoint__at_end=True,
+        model__path=str(model_dir),
+    )
     run = ok(run_ranks(recipe, 2, probe=True))
     out = tmp_path / "hf"
     export_hf(recipe["output_dir"], out, dtype="fp32", progress=False)
     assert verify(recipe["output_dir"], out, dtype="fp32") <= TOL
     model = AutoModelForCausalLM.from_pretrained(out)
     assert tuple(model.lm_head.weight.shape) == (model.config.vocab_size, model.config.hidden_size)
+    assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
     with torch.no_grad():
         logits = model.eval()(probe_tokens(model.config.vocab_size)).logits
     diff = float((logits - run.probe_logits).abs().max())
-    print(f"\nTP2 export: max |logit diff| exported vs training engine = {diff:.3e}")
+    print(f"\nTP2 export ({'tied' if tied else 'untied'}): max |logit diff| exported vs training engine = {diff:.3e}")
     assert diff <= TOL
+
+
+def test_tp_resume_equals_uninterrupted_and_refuses_another_tp(base_recipe, tmp_path):
+    """A TP 2 run resumed from its step-2 checkpoint ends where the uninterrupted run does; the same
+    checkpoint on TP 1 is refused with the key to change (DeepSpeed cannot re-shard it)."""
+    import shutil
+
+    recipe = base_recipe(micro_batch_size=4, max_steps=3, checkpoint__every=2, parallel__tensor_parallel=2)
+    full = ok(run_ranks(recipe, 2))
+    again = dict(recipe, output_dir=str(tmp_path / "resumed"))
+    shutil.copytree(recipe["output_dir"], again["output_dir"])
+    resumed = ok(run_ranks(again, 2))
+    assert [r["step"] for r in resumed.records] == [3]
+    diff = max_abs_diff(full.state_dict, resumed.state_dict)
+    print(f"\nTP2 resumed vs uninterrupted: max |dparam| = {diff:.3e}")
+    assert diff <= TOL
+    other = dict(recipe, output_dir=str(tmp_path / "tp1"), parallel={"tensor_parallel": 1})
+    shutil.copytree(recipe["output_dir"], other["output_dir"])
+    refused = run_ranks(other, 1)
+    assert refused.ranks[0].returncode == 1
+    assert "parallel.tensor_parallel=2, this launch has 1" in refused.ranks[0].error
