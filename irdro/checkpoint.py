@@ -130,6 +130,10 @@ def _write_own_files(engine, root: Path, tag: str, client_state: dict) -> tuple[
         with _recorded_writes(engine) as written:
             engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         ds_done = True
+        if engine.autotp_size() > 1:  # a collective; rank 0 writes the gathered weights
+            save_tp_weights(engine, root / tag)
+            if dist.is_main():
+                written.append(str(root / tag / TP_WEIGHTS))
         rng = root / tag / f"irdro_rng_rank{dist.global_rank()}.pkl"
         with open(rng, "wb") as f:
             pickle.dump(rng_state(), f)
@@ -332,7 +336,18 @@ def conversion_workers() -> int:
 def prepare_elastic(point: ResumePoint) -> Path:
     """Convert a checkpoint written by another number of ranks to DeepSpeed's universal format,
     cached beside the tag and reused only while it belongs to that very tag. Call on every rank:
-    rank 0 converts, and a failure is raised on every rank (CheckpointError)."""
+    rank 0 converts, and a failure is raised on every rank (CheckpointError).
+
+    Raises:
+        ConfigError: the tag was saved with tensor parallelism, which the conversion cannot merge.
+    """
+    saved_tp = _tensor_parallel_degree(point.tag_dir)
+    if saved_tp > 1:
+        raise ConfigError(
+            f"resume: {point.tag_dir} was saved with parallel.tensor_parallel={saved_tp} on {point.world_size} "
+            f"data-parallel ranks; DeepSpeed cannot convert AutoTP checkpoints to another layout: launch the "
+            f"same layout, or export it (tools/convert_to_hf.py) and start a new run from the export"
+        )
     out = universal_dir(point.tag_dir)
 
     def convert() -> None:
@@ -376,9 +391,15 @@ def load(engine, point: ResumePoint, elastic: bool, global_batch: int) -> dict:
             only valid for the global batch the checkpoint was trained with.
 
     Raises:
-        ConfigError: the checkpoint was trained with another global batch.
+        ConfigError: the checkpoint was trained with another global batch or tensor-parallel size.
     """
     tag_dir = universal_dir(point.tag_dir) if elastic else point.tag_dir
+    saved_tp, tp = _tensor_parallel_degree(tag_dir), max(1, engine.autotp_size())
+    if saved_tp != tp:
+        raise ConfigError(
+            f"resume: {point.tag_dir} was saved with parallel.tensor_parallel={saved_tp}, this launch has {tp}; "
+            f"resume with the same tensor_parallel, or export it (tools/convert_to_hf.py) and start a new run"
+        )
     _, client_state = engine.load_checkpoint(
         str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -403,18 +424,25 @@ def load(engine, point: ResumePoint, elastic: bool, global_batch: int) -> dict:
 
 
 def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full fp32 CPU weights on rank 0 (None elsewhere), gathered one parameter at a time so a
-    ZeRO-3 model never has to fit whole on one rank beyond its CPU copy. Call on every rank."""
+    """Full fp32 CPU weights on rank 0 (None elsewhere), gathered one module at a time (its ZeRO-3
+    partitions, then its AutoTP shards) so a sharded model never has to fit whole on one rank beyond
+    its CPU copy. Call on every rank."""
     import deepspeed
+    from deepspeed.module_inject.layers import GatherReplacedLayerParams
 
-    module = engine.module
+    tensor_parallel = engine.autotp_size() > 1
     out: dict[str, torch.Tensor] | None = {} if dist.is_main() else None
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if out is not None:
-                out[name] = param.detach().float().cpu().clone()
+    seen: set[int] = set()  # a tied parameter is kept under its first name, as named_parameters() does
+    for prefix, module in engine.module.named_modules():
+        params = {n: p for n, p in module.named_parameters(recurse=False) if id(p) not in seen}
+        seen.update(map(id, params.values()))
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            with GatherReplacedLayerParams(list(params.values()), module, enabled=tensor_parallel):
+                if out is not None:
+                    for name, param in params.items():
+                        out[f"{prefix}.{name}" if prefix else name] = param.detach().float().cpu().clone()
     if out is not None:
-        for name, buf in module.named_buffers():
+        for name, buf in engine.module.named_buffers():
             out[name] = buf.detach().cpu().clone()
     return out
 
@@ -422,11 +450,51 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor] | None:
 def consolidated_fp32(tag_dir: Path) -> dict:
     """Lazily consolidated fp32 weights of a saved ZeRO-2/3 tag: name -> tensor or lazy tensor
     (call `.contiguous()` to materialise one; the optimizer files are memory-mapped, so only the
-    tensors being written are resident). Tied parameters map to the same object."""
+    tensors being written are resident). Tied parameters map to the same object.
+
+    A tag of an AutoTP run is read whole from the weights gathered when it was saved (`TP_WEIGHTS`,
+    in the model's dtype): DeepSpeed 0.19's zero_to_fp32 and ds_to_universal cannot consolidate
+    AutoTP + ZeRO shards (ZeRO-3 partitions the TP-replicated parameters over the TP ranks too, and
+    both tools fail on such a tag).
+    """
     import contextlib
     import io
 
+    if (tag_dir / TP_WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(tag_dir / TP_WEIGHTS))
+    if _tensor_parallel_degree(tag_dir) > 1:
+        raise RuntimeError(f"{tag_dir}: an AutoTP checkpoint without {TP_WEIGHTS}; cannot consolidate its shards")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+
+
+# Full weights of an AutoTP run's tag, gathered over TP and ZeRO when it is saved (what exports read).
+TP_WEIGHTS = "irdro_tp_weights.safetensors"
+
+
+def save_tp_weights(engine, tag_dir: Path) -> None:
+    """Write the engine's full weights (parameters and persistent buffers; a tied parameter once) in
+    the model's dtype into `tag_dir/TP_WEIGHTS`, gathered one module at a time; rank 0 holds them in
+    CPU memory while writing. A bf16 run stores its bf16 module weights, not ZeRO's fp32 master copy.
+    Call on every rank, for AutoTP engines only."""
+    from safetensors.torch import save_file
+
+    dtype = engine.module.dtype
+    state = gathered_state_dict(engine)
+    if state is not None:
+        keep = set(engine.module.state_dict().keys())
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k in keep}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tag_dir / TP_WEIGHTS))
+
+
+def _tensor_parallel_degree(tag_dir: Path) -> int:
+    """The AutoTP degree a tag was saved with (1 without tensor parallelism)."""
+    files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        return 1
+    states = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    return int((states.get("checkpoint_parallel_dimensions") or {}).get("tp_degree", 1))

@@ -2,7 +2,8 @@
 
 Owns: every user-facing setting, its default and its validation; the DeepSpeed JSON that a recipe
 resolves to. Must not: import torch or deepspeed, read data, or touch the filesystem beyond reading
-the recipe and the DeepSpeed JSON it names. Every error is a `ConfigError` naming the dotted key.
+the recipe, the DeepSpeed JSON it names and the model's config.json. Every error is a `ConfigError`
+naming the dotted key.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -536,6 +538,8 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
 
     if p.sequence_parallel > 1:
         _check_sequence_parallel(r)
+    if p.tensor_parallel > 1:
+        check_tensor_parallel_shapes(r)
 
     if world_size is not None:
         _check(world_size >= 1, "world_size", "must be >= 1")
@@ -615,6 +619,36 @@ def check_sequence_parallel_heads(r: Recipe, model_config: dict, source: str) ->
         "parallel.sequence_parallel",
         f"{sp} and num_key_value_heads {kv} ({source}) must divide one another",
     )
+
+
+# Sizes of a model config that AutoTP splits over the TP ranks: each must be a multiple of the TP
+# size (for key-value heads DeepSpeed would run with TP > heads, but the extra ranks hold no
+# attention shard and that layout is not covered by irdro's tests).
+TP_SPLIT_SIZES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def check_tensor_parallel_shapes(r: Recipe) -> None:
+    """Refuse a `parallel.tensor_parallel` that does not divide the model's heads and MLP width,
+    read from `model.config` or `model.path`'s config.json (skipped while that file is missing:
+    the path checks report it)."""
+    tp = r.parallel.tensor_parallel
+    if r.model.config is not None:
+        source, cfg = "model.config", dict(r.model.config)
+    else:
+        path = Path(r.model.path or "") / "config.json"
+        if not path.is_file():
+            return
+        source, cfg = str(path), json.loads(path.read_text())
+    cfg = cfg.get("text_config") or cfg  # multimodal configs keep the language model's sizes inside
+    for key in TP_SPLIT_SIZES:
+        size = cfg.get(key)
+        if key == "num_key_value_heads" and size is None:
+            size = cfg.get("num_attention_heads")
+        if isinstance(size, int) and size % tp:
+            raise ConfigError(
+                f"parallel.tensor_parallel: {tp} does not divide {key}={size} of {source}; pick a tensor_parallel "
+                f"that divides {', '.join(TP_SPLIT_SIZES)}"
+            )
 
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON
@@ -710,9 +744,55 @@ def resolve_ds_config(r: Recipe, world_size: int) -> dict:
             f"stage 2 averages over DP), {path.name} has stage {zero_stage(ds)}: use ds_configs/zero3_*.json",
         )
         ds["sequence_parallel_size"] = r.parallel.sequence_parallel
+    if tp_section := autotp_settings(ds, r.parallel.tensor_parallel, str(path)):
+        ds["tensor_parallel"] = tp_section
     if r.optim.name == "sgd":  # a client optimizer DeepSpeed has no own test for; ZeRO handles it fine
         ds["zero_allow_untested_optimizer"] = True
     return ds
+
+
+# DeepSpeed AutoTP training with ZeRO-3 (gathering TP x ZeRO shards when saving) needs this release.
+AUTOTP_ZERO3_MIN_DEEPSPEED = (0, 19, 4)
+
+
+def autotp_settings(ds: dict, tensor_parallel: int, source: str) -> dict:
+    """The DS JSON `tensor_parallel` section (DeepSpeed AutoTP) for `parallel.tensor_parallel`.
+
+    The recipe owns `autotp_size` (refused in the DS JSON at any TP size); with TP > 1 the LM head
+    stays gathered (`vocab_parallel_lm_head: false`), so every TP rank sees full logits and the same
+    per-sample losses. Other AutoTP keys of the DS JSON (partition_config, preset_model, ...) pass
+    through.
+    """
+    section = dict(ds.get("tensor_parallel") or {})
+    for key in ("autotp_size", "tp", "tensor_parallel", "vocab_parallel_lm_head"):
+        if section.get(key) is not None:
+            raise ConfigError(
+                f"ds_config: {source} (or ds_overrides) sets tensor_parallel.{key}, which irdro sets from "
+                f"parallel.tensor_parallel (with a gathered LM head for per-sample losses); remove it"
+            )
+    if tensor_parallel == 1:
+        return section
+    stage = zero_stage(ds)
+    version = installed_deepspeed_version()
+    if stage == 3 and version is not None and version < AUTOTP_ZERO3_MIN_DEEPSPEED:
+        need = ".".join(map(str, AUTOTP_ZERO3_MIN_DEEPSPEED))
+        raise ConfigError(
+            f"parallel.tensor_parallel: AutoTP with ZeRO-3 needs deepspeed >= {need}, installed "
+            f"{'.'.join(map(str, version))}; upgrade deepspeed or use a ds_configs/zero2_*.json"
+        )
+    return {**section, "autotp_size": tensor_parallel, "vocab_parallel_lm_head": False}
+
+
+def installed_deepspeed_version() -> tuple[int, ...] | None:
+    """(major, minor, patch) of the installed deepspeed, read from its metadata (no import); None
+    when it is not installed (validating a recipe on a machine that does not train)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("deepspeed")
+    except PackageNotFoundError:
+        return None
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
 
 # ZeRO stages the equivalence tests cover (1 rank == 2 ranks, GA, resume).

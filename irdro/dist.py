@@ -86,6 +86,11 @@ def layout() -> Layout:
     return _layout
 
 
+def group_ranks(group: tdist.ProcessGroup | None) -> tuple[int, ...]:
+    """The global ranks of `group` (one made here or by DeepSpeed; None: the world), in group-rank order."""
+    return tuple(tdist.get_process_group_ranks(group)) if group is not None else tuple(range(world_size()))
+
+
 def dp_group() -> tdist.ProcessGroup | None:
     """The data-parallel group: the world unless `init_groups` split it."""
     return _layout.dp_group
@@ -211,11 +216,6 @@ def sp_sum_differentiable(t: Tensor) -> Tensor:
     """Sum of `t` (per-sample NLL sums of this rank's sequence shard) over the SP group, with the
     gradient flowing back into this rank's shard (see `_SPSum`). Call on every rank."""
     return _SPSum.apply(t)
-
-
-def group_ranks(group: tdist.ProcessGroup | None) -> tuple[int, ...]:
-    """The global ranks of `group` (e.g. one DeepSpeed made), in group-rank order."""
-    return tuple(tdist.get_process_group_ranks(group)) if group is not None else tuple(range(world_size()))
 
 
 def check_sequence_groups(sp: tdist.ProcessGroup, sequence_data: tdist.ProcessGroup) -> None:

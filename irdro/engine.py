@@ -139,9 +139,31 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
 
 
 def initialize(recipe: Recipe, model: torch.nn.Module, ds_config: dict, mpu=None):
-    """`deepspeed.initialize` with our optimizer and scheduler; returns the engine. `mpu`: the
-    sequence-parallel state of `irdro.model.enable_sequence_parallel` (None without SP)."""
+    """`deepspeed.initialize` with our optimizer and scheduler; returns the engine.
+
+    `mpu`: the sequence-parallel state of `irdro.model.enable_sequence_parallel` (None without SP).
+    With AutoTP (`tensor_parallel.autotp_size` > 1) DeepSpeed's own (DP, TP) mesh is made first and
+    handed in as the model-parallel unit, so the engine's batch check, gradient averaging and ZeRO
+    partitioning use the DP group; its groups must be irdro.dist's (checked), which the weight
+    gather and the sampler use.
+    """
     import deepspeed
+
+    tp = ds_config.get("tensor_parallel", {}).get("autotp_size", 0)
+    if tp > 1:
+        from deepspeed.utils import groups
+
+        from irdro import dist
+
+        groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+        mpu = groups
+        theirs = (
+            dist.group_ranks(groups.get_data_parallel_group()),
+            dist.group_ranks(groups.get_tensor_model_parallel_group()),
+        )
+        ours = (dist.layout().dp_ranks, dist.layout().mp_ranks)
+        if theirs != ours:  # the weights would be gathered, and gradients averaged, over other ranks
+            raise RuntimeError(f"DeepSpeed's AutoTP (DP, TP) groups {theirs} differ from irdro.dist's {ours}")
 
     # Callables, so DeepSpeed builds both over the parameters and optimizer it actually manages.
     engine, _, _, _ = deepspeed.initialize(

@@ -92,7 +92,13 @@ def load_model(cfg: ModelConfig, ds_config: dict):
     if zero_stage(ds_config) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
+        # What zero.Init needs to create sharded full-size parameters. Not the batch size: it builds a
+        # DeepSpeedConfig without DeepSpeed's model-parallel unit and would check train_batch_size
+        # against the whole world, not the DP ranks. Not AutoTP: it slices the loaded, complete model
+        # in deepspeed.initialize, and transformers refuses its checkpoint key conversions under it.
+        _HF_DS_CONFIG = HfDeepSpeedConfig(
+            {k: v for k, v in ds_config.items() if k not in ("train_batch_size", "tensor_parallel")}
+        )
     else:
         _HF_DS_CONFIG = None
     dtype = DTYPES[cfg.dtype]

@@ -255,3 +255,64 @@ def test_bf16_with_grad_accum_accumulates_in_fp32():
         "ds_overrides": {"data_types": {"grad_accum_dtype": "bf16"}},
     }
     assert resolve_ds_config(recipe_from_dict(mine), 2)["data_types"]["grad_accum_dtype"] == "bf16"  # user's choice
+
+
+# ----------------------------------------------------------------------------- tensor parallelism
+
+TP_MODEL = {"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 64}
+
+
+def test_tensor_parallel_owns_autotp_in_the_ds_json():
+    r = recipe_from_dict({**BASE, "model": {**BASE["model"], "config": TP_MODEL}, "parallel": {"tensor_parallel": 2}})
+    ds = resolve_ds_config(r, 4)  # DP 2 x TP 2
+    assert ds["tensor_parallel"] == {"autotp_size": 2, "vocab_parallel_lm_head": False}
+    assert ds["train_batch_size"] == r.micro_batch_size * 2
+    assert "tensor_parallel" not in resolve_ds_config(recipe_from_dict(BASE), 4)
+
+
+@pytest.mark.parametrize("key", ["autotp_size", "vocab_parallel_lm_head", "tp"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_ds_json_that_sets_autotp_is_refused(key, tp):
+    r = recipe_from_dict(
+        {
+            **BASE,
+            "model": {**BASE["model"], "config": TP_MODEL},
+            "parallel": {"tensor_parallel": tp},
+            "ds_overrides": {"tensor_parallel": {key: 2}},
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=rf"^ds_config: .* sets tensor_parallel.{key}, which irdro sets from parallel"
+    ):
+        resolve_ds_config(r, 2)
+
+
+def test_autotp_with_zero3_needs_a_recent_deepspeed(monkeypatch):
+    import irdro.config
+
+    r = recipe_from_dict({**BASE, "model": {**BASE["model"], "config": TP_MODEL}, "parallel": {"tensor_parallel": 2}})
+    monkeypatch.setattr(irdro.config, "installed_deepspeed_version", lambda: (0, 19, 3))
+    with pytest.raises(ConfigError, match=r"^parallel.tensor_parallel: AutoTP with ZeRO-3 needs deepspeed >= 0.19.4"):
+        resolve_ds_config(r, 2)
+    zero2 = recipe_from_dict({**BASE, "ds_config": "ds_configs/zero2_fp32.json", "parallel": {"tensor_parallel": 2}})
+    assert resolve_ds_config(zero2, 2)["tensor_parallel"]["autotp_size"] == 2
+    monkeypatch.setattr(irdro.config, "installed_deepspeed_version", lambda: (0, 19, 4))
+    assert resolve_ds_config(r, 2)["tensor_parallel"]["autotp_size"] == 2
+
+
+@pytest.mark.parametrize("key", ["num_attention_heads", "num_key_value_heads", "intermediate_size"])
+def test_tensor_parallel_must_divide_heads_and_mlp(tmp_path, key):
+    bad = {**TP_MODEL, key: 6}  # not a multiple of 4
+    with pytest.raises(ConfigError, match=rf"^parallel.tensor_parallel: 4 does not divide {key}="):
+        load_recipe(
+            write(tmp_path, {**BASE, "model": {**BASE["model"], "config": bad}}), ["parallel.tensor_parallel=4"]
+        )
+    # the same check reads model.path's config.json
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(bad))
+    model = {"path": str(tmp_path / "m")}
+    with pytest.raises(ConfigError, match=r"config.json; pick a tensor_parallel"):
+        load_recipe(write(tmp_path, {**BASE, "model": model}), ["parallel.tensor_parallel=4"])
+    load_recipe(
+        write(tmp_path, {**BASE, "model": {**BASE["model"], "config": TP_MODEL}}), ["parallel.tensor_parallel=4"]
+    )
