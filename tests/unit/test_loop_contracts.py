@@ -52,10 +52,13 @@ def test_a_runtime_error_is_not_an_abort_whatever_its_text(fake_launch):
 
 
 class LoadingEngine:
-    """Just `load_checkpoint`, returning a saved client state."""
+    """Just `load_checkpoint`, returning a saved client state (no tensor parallelism)."""
 
     def __init__(self, client_state: dict) -> None:
         self.client_state = client_state
+
+    def autotp_size(self) -> int:
+        return 0
 
     def load_checkpoint(self, load_dir: str, tag: str, **kw) -> tuple[str, dict]:
         return load_dir, self.client_state
