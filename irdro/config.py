@@ -538,8 +538,8 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
 
     if p.sequence_parallel > 1:
         _check_sequence_parallel(r)
-    if p.tensor_parallel > 1:
-        check_tensor_parallel_shapes(r)
+    if r.model_parallel_size > 1 and (found := model_config_of(r)) is not None:
+        check_parallel_shapes(r, found[1], found[0])
 
     if world_size is not None:
         _check(world_size >= 1, "world_size", "must be >= 1")
@@ -569,7 +569,7 @@ SEQUENCE_PARALLEL_ATTENTION = ("auto", "sdpa", "flash_attention_2")
 
 def _check_sequence_parallel(r: Recipe) -> None:
     """What `parallel.sequence_parallel` > 1 needs of the rest of the recipe (the model's head
-    counts are checked by `check_sequence_parallel_heads` once its config is known)."""
+    counts are checked by `check_parallel_shapes`)."""
     sp = r.parallel.sequence_parallel
     _check(
         r.model.attention in SEQUENCE_PARALLEL_ATTENTION,
@@ -591,64 +591,55 @@ def _check_sequence_parallel(r: Recipe) -> None:
     )
 
 
-def check_sequence_parallel_heads(r: Recipe, model_config: dict, source: str) -> None:
-    """Ulysses splits attention heads over the SP group: num_attention_heads must be a multiple of
-    parallel.sequence_parallel, and num_key_value_heads a multiple or a divisor of it (kv heads are
-    then replicated).
-
-    Args:
-        r: the recipe.
-        model_config: the HF model config as a dict (model.config, or model.path's config.json).
-        source: what `model_config` came from, for the message.
-    """
-    sp = r.parallel.sequence_parallel
-    if sp == 1:
-        return
-    text = model_config.get("text_config") or model_config  # multimodal configs nest the LM's
-    heads = text.get("num_attention_heads")
-    if heads is None:
-        raise ConfigError(f"parallel.sequence_parallel: {source} has no num_attention_heads to split over {sp} ranks")
-    kv = text.get("num_key_value_heads") or heads
-    _check(
-        heads % sp == 0,
-        "parallel.sequence_parallel",
-        f"{sp} does not divide num_attention_heads {heads} ({source}); use a divisor of {heads}",
-    )
-    _check(
-        kv % sp == 0 or sp % kv == 0,
-        "parallel.sequence_parallel",
-        f"{sp} and num_key_value_heads {kv} ({source}) must divide one another",
-    )
-
-
 # Sizes of a model config that AutoTP splits over the TP ranks: each must be a multiple of the TP
 # size (for key-value heads DeepSpeed would run with TP > heads, but the extra ranks hold no
 # attention shard and that layout is not covered by irdro's tests).
 TP_SPLIT_SIZES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
-def check_tensor_parallel_shapes(r: Recipe) -> None:
-    """Refuse a `parallel.tensor_parallel` that does not divide the model's heads and MLP width,
-    read from `model.config` or `model.path`'s config.json (skipped while that file is missing:
-    the path checks report it)."""
-    tp = r.parallel.tensor_parallel
+def model_config_of(r: Recipe) -> tuple[str, dict] | None:
+    """(where it came from, the HF model config as a dict): `model.config`, else `model.path`'s
+    config.json; None while that file is missing (the path checks report it)."""
     if r.model.config is not None:
-        source, cfg = "model.config", dict(r.model.config)
-    else:
-        path = Path(r.model.path or "") / "config.json"
-        if not path.is_file():
-            return
-        source, cfg = str(path), json.loads(path.read_text())
-    cfg = cfg.get("text_config") or cfg  # multimodal configs keep the language model's sizes inside
-    for key in TP_SPLIT_SIZES:
-        size = cfg.get(key)
-        if key == "num_key_value_heads" and size is None:
-            size = cfg.get("num_attention_heads")
-        if isinstance(size, int) and size % tp:
-            raise ConfigError(
-                f"parallel.tensor_parallel: {tp} does not divide {key}={size} of {source}; pick a tensor_parallel "
-                f"that divides {', '.join(TP_SPLIT_SIZES)}"
-            )
+        return "model.config", dict(r.model.config)
+    path = resolve_path(str(r.model.path)) / "config.json"
+    return (str(path), json.loads(path.read_text())) if path.is_file() else None
+
+
+def check_parallel_shapes(r: Recipe, model_config: dict, source: str) -> None:
+    """The model's sizes that sequence or tensor parallelism splits must divide by it.
+
+    Ulysses (SP) splits attention heads: num_attention_heads a multiple of SP, num_key_value_heads a
+    multiple or a divisor of it (kv heads are then replicated). AutoTP (TP) splits every size of
+    `TP_SPLIT_SIZES`.
+
+    Args:
+        r: the recipe.
+        model_config: the HF model config as a dict (`model_config_of`, or the loaded model's).
+        source: what `model_config` came from, for the message.
+    """
+    sp, tp = r.parallel.sequence_parallel, r.parallel.tensor_parallel
+    cfg = model_config.get("text_config") or model_config  # multimodal configs nest the LM's
+    heads = cfg.get("num_attention_heads")
+    kv = cfg.get("num_key_value_heads") or heads
+    if sp > 1 and heads is not None:  # an inline config without it gets the class default, checked at start
+        _check(
+            heads % sp == 0,
+            "parallel.sequence_parallel",
+            f"{sp} does not divide num_attention_heads {heads} ({source}); use a divisor of {heads}",
+        )
+        _check(
+            kv % sp == 0 or sp % kv == 0,
+            "parallel.sequence_parallel",
+            f"{sp} and num_key_value_heads {kv} ({source}) must divide one another",
+        )
+    if tp > 1:
+        for key, size in zip(TP_SPLIT_SIZES, (heads, kv, cfg.get("intermediate_size")), strict=True):
+            if isinstance(size, int) and size % tp:
+                raise ConfigError(
+                    f"parallel.tensor_parallel: {tp} does not divide {key}={size} of {source}; pick a "
+                    f"tensor_parallel that divides {', '.join(TP_SPLIT_SIZES)}"
+                )
 
 
 # ----------------------------------------------------------------------------- DeepSpeed JSON

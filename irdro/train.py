@@ -32,7 +32,7 @@ from irdro.config import (
     ConfigError,
     Recipe,
     add_recipe_arguments,
-    check_sequence_parallel_heads,
+    check_parallel_shapes,
     dump_yaml,
     load_recipe,
     resolve_ds_config,
@@ -316,7 +316,7 @@ def setup(recipe: Recipe) -> Setup:
     model = load_model(recipe.model, ds_config)
     shards = {"data.train": train_data, "data.eval": eval_data}
     check_shards(tokenizer, shards, model.config.vocab_size)
-    check_sequence_parallel_heads(recipe, model.config.to_dict(), "the model's config")
+    check_parallel_shapes(recipe, model.config.to_dict(), "the model's config")
     mpu = enable_sequence_parallel(model, recipe.parallel.sequence_parallel, recipe.micro_batch_size)
     engine = initialize(recipe, model, ds_config, mpu)
     write_run_files(recipe, ds_config, model, tokenizer)

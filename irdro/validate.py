@@ -14,9 +14,9 @@ from irdro.config import (
     ConfigError,
     Recipe,
     add_recipe_arguments,
-    check_sequence_parallel_heads,
     dump_yaml,
     load_recipe,
+    model_config_of,
     resolve_ds_config,
     resolve_path,
 )
@@ -49,19 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_sequence_parallel(recipe: Recipe, paths: bool) -> str | None:
-    """With `parallel.sequence_parallel` N > 1: the heads check on model.config or model.path's
-    config.json (when it is there), and a line saying how rows are cut (from data.train's manifest
-    when `paths`): padded to a multiple of lcm(data.pad_to_multiple_of, N), T/N tokens per rank."""
+    """With `parallel.sequence_parallel` N > 1, a line saying how rows are cut (from data.train's
+    manifest when `paths`): padded to a multiple of lcm(data.pad_to_multiple_of, N), T/N tokens per
+    rank, and whether the heads could be checked (`irdro.config.validate` checks them when the
+    model's config is at hand)."""
     sp = recipe.parallel.sequence_parallel
     if sp == 1:
         return None
-    heads = "heads checked"
-    if recipe.model.config is not None:
-        check_sequence_parallel_heads(recipe, recipe.model.config, "model.config")
-    elif (config := resolve_path(str(recipe.model.path)) / "config.json").is_file():
-        check_sequence_parallel_heads(recipe, json.loads(config.read_text()), str(config))
-    else:
-        heads = "heads not checked: no model.path/config.json here"
+    heads = "heads checked" if model_config_of(recipe) else "heads not checked: no model.path/config.json here"
     multiple = recipe.sequence_multiple
     line = f"# sequence parallel {sp} ({heads}): rows padded to a multiple of {multiple}, T/{sp} tokens per rank"
     if paths:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from irdro.checkpoint import ResumePoint
-from irdro.config import ConfigError, check_sequence_parallel_heads, recipe_from_dict, resolve_ds_config
+from irdro.config import ConfigError, check_parallel_shapes, recipe_from_dict, resolve_ds_config
 from irdro.data import collate, make_batch, shard_sequence
 from irdro.model import per_sample_nll, target_nll_sums
 from irdro.shards import Sample
@@ -70,7 +70,8 @@ def test_shard_sums_add_up_to_the_whole_rows_losses():
 
 
 def test_make_batch_pads_to_a_multiple_of_sp_and_cuts_this_ranks_shard():
-    r = recipe_from_dict({**BASE, "parallel": {"sequence_parallel": 3}})
+    model = {**BASE["model"], "config": {"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 3}}
+    r = recipe_from_dict({**BASE, "model": model, "parallel": {"sequence_parallel": 3}})
     assert r.sequence_multiple == 24  # lcm(pad_to_multiple_of 8, SP 3)
     batch = make_batch(samples([30, 5]), None, r, pad_id=0, sp_rank=2)
     assert batch["input_ids"].shape == (2, 16) and batch["position_ids"][0, 0] == 32
@@ -113,13 +114,21 @@ def test_zero2_is_refused_with_sequence_parallelism():
     ],
 )
 def test_heads_must_split_over_the_sp_group(heads, kv, sp, message):
-    r = recipe_from_dict({**BASE, "parallel": {"sequence_parallel": sp}})
     cfg = {"num_attention_heads": heads, "num_key_value_heads": kv}
+    r = recipe_from_dict({**BASE, "parallel": {"sequence_parallel": sp}, "model": {"path": "m", "tokenizer": "t"}})
+    inline = {
+        **BASE,
+        "parallel": {"sequence_parallel": sp},
+        "model": {"config": {"model_type": "llama", **cfg}, "tokenizer": "t"},
+    }
     if message is None:
-        check_sequence_parallel_heads(r, cfg, "config.json")
+        check_parallel_shapes(r, cfg, "config.json")
+        recipe_from_dict(inline)
     else:
         with pytest.raises(ConfigError, match=f"^parallel.sequence_parallel: {sp} .*{message}"):
-            check_sequence_parallel_heads(r, cfg, "config.json")
+            check_parallel_shapes(r, cfg, "config.json")
+        with pytest.raises(ConfigError, match=f"^parallel.sequence_parallel: {sp} .*{message}"):
+            recipe_from_dict(inline)  # an inline config is checked when the recipe loads
 
 
 def test_resume_with_another_sequence_parallel_layout_is_refused():
