@@ -89,6 +89,7 @@ def run_ranks(
     world_size: int,
     *,
     nan_at: list[tuple[int, int]] = (),
+    add_at: list[tuple[int, int, float]] = (),
     probe: bool = False,
     record: bool = False,
     timeout: float = 300.0,
@@ -96,7 +97,7 @@ def run_ranks(
 ) -> Run:
     """`_run_ranks`, tried once more on a fresh port when the rendezvous port was taken in between
     (free_port() releases it before the ranks bind it; another process can grab it)."""
-    kw = dict(nan_at=nan_at, probe=probe, record=record, timeout=timeout, env=env)
+    kw = dict(nan_at=nan_at, add_at=add_at, probe=probe, record=record, timeout=timeout, env=env)
     run = _run_ranks(recipe, world_size, **kw)
     if any("EADDRINUSE" in r.log or "address already in use" in r.log.lower() for r in run.ranks):
         run = _run_ranks(recipe, world_size, **kw)
@@ -108,6 +109,7 @@ def _run_ranks(
     world_size: int,
     *,
     nan_at,
+    add_at,
     probe: bool,
     record: bool,
     timeout: float,
@@ -119,6 +121,8 @@ def _run_ranks(
         recipe: the recipe as a dict (validated in the workers).
         world_size: number of gloo ranks.
         nan_at: (step, rank) pairs at which that rank's first per-sample loss is made NaN.
+        add_at: (step, micro, value): every rank adds `value` to the losses of that micro-batch of
+            that step (changes the weights, not d loss / d theta: forces a deferred-window overflow).
         probe: also return the trained engine's logits on `irdro.export.probe_tokens`.
         record: each rank also reports `modes` (the model's train flag at every train_step) and
             `losses` ([step, micro, grad_enabled, per-sample losses] for every forward of a step).
@@ -131,6 +135,7 @@ def _run_ranks(
                 {
                     "recipe": recipe,
                     "nan_at": [list(x) for x in nan_at],
+                    "add_at": [list(x) for x in add_at],
                     "out": tmp,
                     "probe": probe,
                     "record": record,
@@ -167,6 +172,7 @@ def _worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])
     nan_at = {tuple(x) for x in spec["nan_at"]}
+    add_at = {(s, m): v for s, m, v in spec["add_at"]}
     record = bool(spec.get("record"))
 
     out = {"records": [], "error": None, "modes": [], "losses": []}
@@ -177,13 +183,15 @@ def _worker(spec_path: str) -> int:
         if (step, rank) in nan_at and micro == 0:
             losses = losses.clone()
             losses[0] = math.nan
+        if (step, micro) in add_at:
+            losses = losses + add_at[step, micro]
         return losses
 
     def record_mode(step: int, engine) -> None:
         out["modes"].append(bool(engine.module.training))  # the train flag as each step starts
 
     hooks = Hooks(
-        losses=losses_hook if nan_at or record else None,
+        losses=losses_hook if nan_at or add_at or record else None,
         before_step=record_mode if record else None,
     )
 
