@@ -32,7 +32,8 @@ PY = sys.executable
 REWEIGHT_VARIANTS = {
     "erm": {"scheme": "erm", "window": "micro"},
     "irdro_micro": {"scheme": "irdro", "lam": 1.0, "window": "micro"},
-    "irdro_step": {"scheme": "irdro", "lam": 1.0, "window": "step"},
+    "irdro_step": {"scheme": "irdro", "lam": 1.0, "window": "step"},  # deferred normaliser (scoring_pass auto)
+    "irdro_step_scored": {"scheme": "irdro", "lam": 1.0, "window": "step", "scoring_pass": "always"},
     "midrank": {"scheme": "midrank", "frac": 0.5, "portion": 1, "window": "micro"},
 }
 

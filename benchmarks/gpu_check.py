@@ -103,7 +103,7 @@ SHEARED_LLAMA_SHAPE = dict(
 )
 
 # The reweighting of each throughput variant (those of benchmarks/bench_step.py but MidRanking).
-VARIANTS = {k: REWEIGHT_VARIANTS[k] for k in ("erm", "irdro_micro", "irdro_step")}
+VARIANTS = {k: REWEIGHT_VARIANTS[k] for k in ("erm", "irdro_micro", "irdro_step", "irdro_step_scored")}
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s by a substring of torch.cuda.get_device_name(),
 # first match wins (NVIDIA data sheets). Other GPUs get no MFU (null) rather than a guess.

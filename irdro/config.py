@@ -84,7 +84,11 @@ class ReweightConfig:
     """Registry name: erm | irdro | midrank | transform."""
     window: Literal["micro", "step"] = "micro"
     """Samples one weight distribution spans: one micro-batch on every DP rank, or the whole
-    optimizer step (exact; one extra no-grad forward)."""
+    optimizer step (exact; see `scoring_pass` for what it costs)."""
+    scoring_pass: Literal["auto", "always"] = "auto"
+    """Window `step` only: `auto` defers the softmax normaliser (ERM cost) for erm, irdro without
+    trim_top and warm-up steps, and runs one no-grad scoring forward per micro-batch for schemes that
+    rank the whole step (trim_top, midrank, transform); `always` scores every step (for comparisons)."""
     lam: float = 1.0
     """IR-DRO temperature (> 0): small = emphasise the hardest, large = ERM."""
     trim_top: float = 0.0

@@ -1,8 +1,9 @@
 """DeepSpeed wiring: process group, optimizer, LR schedule, `deepspeed.initialize`.
 
 Owns: the only `deepspeed.initialize` call, the optimizer and LR scheduler built from the recipe's
-`optim` section (client objects, so the DS JSON never carries them), and process-group start-up for
-the launcher and for plain `python -m irdro.train`. Must not: load data or compute losses.
+`optim` section (client objects, so the DS JSON never carries them), process-group start-up for
+the launcher and for plain `python -m irdro.train`, and the one use of DeepSpeed internals
+(`gradients_divided_by`). Must not: load data or compute losses.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 import torch
@@ -175,3 +178,37 @@ def initialize(recipe: Recipe, model: torch.nn.Module, ds_config: dict, mpu=None
         mpu=mpu,
     )
     return engine
+
+
+@contextmanager
+def gradients_divided_by(engine, normaliser: float) -> Iterator[None]:
+    """An `engine.step()` inside the block divides the accumulated gradients by `normaliser` before
+    DeepSpeed computes the gradient norm and clips; the norm it reports is the divided one.
+
+    The deferred `step` window (irdro.normalize.DeferredWindow) needs this: its softmax normaliser is
+    known only after the last backward. DeepSpeed internals, ZeRO stages 2 and 3 (0.19;
+    `tests/unit/test_gradient_division.py` fails if an upgrade changes them): the ZeRO optimizer's
+    `step()` takes the global norm of the accumulated gradients, stores `_global_grad_norm = norm /
+    loss_scale` and multiplies the gradients by `1 / (loss_scale * max(1, (norm / loss_scale + 1e-6) /
+    clip))` in `unscale_and_clip_grads`. irdro refuses fp16, so the scaler is static at 1.0; setting it
+    to `normaliser` for the boundary step only (`backward` multiplies the loss by it, so never around
+    a backward) divides exactly, and it is restored afterwards, also in checkpoints.
+
+    Args:
+        engine: a DeepSpeed engine with a ZeRO stage 2 or 3 optimizer.
+        normaliser: finite, > 0; 1.0 changes nothing.
+    """
+    opt = engine.optimizer
+    scaler = getattr(opt, "loss_scaler", None)
+    if scaler is None or scaler.dynamic or getattr(opt, "custom_loss_scaler", True) or opt.loss_scale != 1.0:
+        raise RuntimeError(
+            f"irdro bug: gradients_divided_by needs a ZeRO optimizer with a static loss scale of 1.0, got "
+            f"{type(opt).__name__} (loss scaler {type(scaler).__name__})"
+        )
+    if not (math.isfinite(normaliser) and normaliser > 0):
+        raise ValueError(f"the gradient normaliser must be finite and > 0, got {normaliser}")
+    opt.loss_scale = normaliser
+    try:
+        yield
+    finally:
+        opt.loss_scale = 1.0

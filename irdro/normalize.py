@@ -9,6 +9,17 @@ Coefficients. For window `micro` (W = DP x B samples) a rank back-propagates
 `DP * sum_{i local} p_i l_i`; for window `step` (W = DP x GA x B) `DP * GA * sum_{i local in m} p_i l_i`.
 DeepSpeed divides by GA and averages over DP, so the applied gradient is `sum_{i in W} p_i grad l_i`
 averaged over the GA micro-windows (`micro`) or exactly (`step`). Never divide by GA here.
+
+Deferred normaliser (window `step`, `reweight.scoring_pass: auto`, schemes whose weights are
+softmax(l / t): erm (t = inf), irdro without trim_top, warm-up steps). The weights of the scored
+window need every loss of the step before the first backward; these do not, because
+p_i = u_i / Z with u_i = exp((l_i - c) / t) for any shift c common to the window. `DeferredWindow`
+fixes c from micro-batch 0 and hands out coefficients `DP * GA * u_i` per micro-batch as it comes;
+after the last backward the caller divides the accumulated gradients by Z = sum_{i in W} u_i (known
+identically on every rank from the per-micro gathers) before clipping
+(`irdro.engine.gradients_divided_by`), which applies `sum_{i in W} p_i grad l_i` exactly as the
+scored window does, at the cost of ERM. A micro-batch whose exponent (l - c) / t would exceed
+`MAX_EXPONENT` is an overflow: the step's gradient is discarded and the step scored instead.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from torch import Tensor
 
 from irdro import dist
 from irdro.config import ReweightConfig
-from irdro.reweight import compute_weights, scheme_params
+from irdro.reweight import compute_weights, scheme_params, softmax_numerators, softmax_temperature
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,13 @@ def reweight_window(
         scale: `backward_scale(...)`.
     """
     m, b = local_losses.shape
-    device = local_losses.device  # every tensor of the window lives here
+    return window_of(gather_rows(local_losses, local_valid, local_ids), m, b, cfg, step, scale)
+
+
+def gather_rows(local_losses: Tensor, local_valid: Tensor, local_ids: Tensor) -> Tensor:
+    """(DP, m*B, 3) fp64 rows [loss, valid, id] of every DP rank's (m, B) samples, row-major in
+    (m, B), on `local_losses`' device. Call on every rank (all-gathers over the DP group)."""
+    device = local_losses.device
     rows = torch.stack(
         [
             local_losses.detach().double().reshape(-1),
@@ -92,7 +109,12 @@ def reweight_window(
         ],
         dim=1,
     )
-    gathered = dist.all_gather_losses(rows)  # (dp, m*B, 3)
+    return dist.all_gather_losses(rows)
+
+
+def window_of(gathered: Tensor, m: int, b: int, cfg: ReweightConfig, step: int, scale: float) -> Window:
+    """The Window of gathered rows: `gather_rows` of (m, B) samples per rank (no collective)."""
+    device = gathered.device
     flat = gathered.reshape(-1, 3)
     valid = flat[:, 1] > 0.5
     idx = torch.nonzero(valid).squeeze(1)
@@ -131,3 +153,83 @@ def reweight_window(
         weights=weights,
         ranks=idx // (m * b),
     )
+
+
+# Exponent bounds of the deferred normaliser, in units of the temperature. The shift c sits
+# SHIFT_HEADROOM above micro-batch 0's largest loss, so its samples back-propagate u <= e^-20 (far
+# from fp32's smallest normal, 1e-38, even times a tiny gradient); a later loss may rise
+# SHIFT_HEADROOM + MAX_EXPONENT above it before u = e^(l-c)/t passes e^40 = 2.4e17, which keeps
+# DP * GA * u * (gradient) and the accumulated gradients far inside fp32/bf16's range (3.4e38).
+SHIFT_HEADROOM = 20.0
+MAX_EXPONENT = 40.0
+
+
+def defers_normaliser(cfg: ReweightConfig, step: int) -> bool:
+    """Whether optimizer step `step` runs the `step` window through `DeferredWindow` (no scoring pass)."""
+    return cfg.window == "step" and cfg.scoring_pass == "auto" and softmax_temperature(cfg, step) is not None
+
+
+class DeferredWindow:
+    """The `step` window with its softmax normaliser deferred to the step boundary (module docstring).
+
+    Call `add` on every rank once per micro-batch, in order, before its backward; back-propagate
+    `sum(coeffs * losses)`, and step the last micro-batch inside
+    `irdro.engine.gradients_divided_by(engine, normaliser)`. `window()` is then the Window the
+    scored path computes for the same losses (same weights, statistics and sample order).
+
+    Attributes:
+        finite: False once a valid loss of the window is non-finite (the step must be skipped).
+        overflow: True once a micro-batch's exponent passed MAX_EXPONENT (discard and score the step).
+        normaliser: Z = sum_i u_i over the micro-batches so far (fp64; identical on every rank).
+    """
+
+    def __init__(self, cfg: ReweightConfig, step: int, scale: float) -> None:
+        temperature = softmax_temperature(cfg, step)
+        if temperature is None:
+            raise ValueError(f"reweight.scheme {cfg.scheme!r} at step {step} has no softmax temperature")
+        self.cfg, self.step, self.scale, self.temperature = cfg, step, scale, temperature
+        self.rows: list[Tensor] = []
+        self.shift: float | None = None
+        self.finite, self.overflow = True, False
+        self.normaliser = 0.0
+
+    def add(self, local_losses: Tensor, local_valid: Tensor, local_ids: Tensor) -> Tensor | None:
+        """(B,) fp32 coefficients `DP * GA * u_i` (0 on padding) for this rank's micro-batch, or None
+        when it must not be back-propagated as weighted: a non-finite loss or an overflow (then or
+        earlier in the step). Call on every rank (all-gathers over the DP group).
+
+        Args:
+            local_losses: (B,) detached per-sample mean NLL; padding may hold anything.
+            local_valid: (B,) bool, False on padding.
+            local_ids: (B,) int64 sample ids.
+        """
+        rows = gather_rows(local_losses[None], local_valid[None], local_ids[None])  # (dp, B, 3)
+        self.rows.append(rows)
+        valid = rows[..., 1] > 0.5
+        losses = rows[..., 0].float()  # the fp32 losses window_of weights
+        self.finite = self.finite and bool(torch.isfinite(losses[valid]).all())
+        if not self.finite or self.overflow:
+            return None
+        if not bool(valid.any()):  # an all-padding micro-batch: nothing to weight
+            return torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
+        t = self.temperature
+        top = float(losses[valid].max())
+        if self.shift is None:
+            self.shift = top + SHIFT_HEADROOM * t if math.isfinite(t) else 0.0
+        if (top - self.shift) / t > MAX_EXPONENT:
+            self.overflow = True
+            return None
+        u = torch.where(valid, softmax_numerators(losses.where(valid, self.shift), self.shift, t), 0.0)
+        self.normaliser += float(u.sum())
+        return (u[dist.dp_rank()] * self.scale).to(torch.float32)
+
+    @property
+    def divisor(self) -> float:
+        """What the boundary step divides the accumulated gradients by: Z, or 1.0 when the step's
+        gradient is NaN anyway (a non-finite loss or an overflow: DeepSpeed skips the step)."""
+        return self.normaliser if self.finite and not self.overflow and self.normaliser > 0 else 1.0
+
+    def window(self) -> Window:
+        """The step's Window from the per-micro gathers, laid out as the scoring pass gathers it."""
+        gathered = torch.cat(self.rows, dim=1)  # (dp, m*B, 3), row-major in (m, B)
+        return window_of(gathered, len(self.rows), self.rows[0].shape[1], self.cfg, self.step, self.scale)

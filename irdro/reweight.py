@@ -145,3 +145,30 @@ def scheme_params(cfg: ReweightConfig, step: int) -> tuple[str, dict[str, float]
     if cfg.scheme not in SCHEMES:
         raise ValueError(f"reweight.scheme {cfg.scheme!r} has no parameter mapping")
     return cfg.scheme, {name: getattr(cfg, name) for name in SCHEMES[cfg.scheme].params}
+
+
+def softmax_temperature(cfg: ReweightConfig, step: int) -> float | None:
+    """The temperature t for which the weights in force at optimizer step `step` are
+    softmax(l / t) over the window (`math.inf`: uniform), or None when they need the window's
+    ranking or range (trim_top, midrank, transform). A scheme with a temperature can defer the
+    normaliser (irdro.normalize.DeferredWindow); the others need every loss before any weight."""
+    name, params = scheme_params(cfg, step)
+    if name == "erm":
+        return math.inf
+    if name == "irdro" and params["trim_top"] == 0:
+        return float(params["lam"])
+    return None
+
+
+def softmax_numerators(losses: Tensor, shift: float, temperature: float) -> Tensor:
+    """(N,) fp64 exp((l_i - shift) / t): the softmax(l / t) weights times their normaliser
+    sum_j exp((l_j - shift) / t), for a `shift` fixed before the window's other losses are known.
+
+    Args:
+        losses: (N,) fp32 per-sample losses, finite.
+        shift: common to the whole window; keeps the exponents in range.
+        temperature: from `softmax_temperature` (inf: uniform, every numerator 1).
+    """
+    if math.isinf(temperature):
+        return torch.ones_like(losses, dtype=torch.float64)
+    return torch.exp((losses.double() - shift) / temperature)

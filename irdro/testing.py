@@ -92,6 +92,7 @@ def run_ranks(
     world_size: int,
     *,
     nan_at: list[tuple[int, int]] = (),
+    add_at: list[tuple[int, int, float]] = (),
     probe: bool = False,
     record: bool = False,
     full_disk_at: tuple[int, int] | None = None,
@@ -104,6 +105,7 @@ def run_ranks(
     (free_port() releases it before the ranks bind it; another process can grab it)."""
     kw = dict(
         nan_at=nan_at,
+        add_at=add_at,
         probe=probe,
         record=record,
         full_disk_at=full_disk_at,
@@ -123,6 +125,7 @@ def _run_ranks(
     world_size: int,
     *,
     nan_at,
+    add_at,
     probe: bool,
     record: bool,
     full_disk_at: tuple[int, int] | None,
@@ -137,6 +140,8 @@ def _run_ranks(
         recipe: the recipe as a dict (validated in the workers).
         world_size: number of gloo ranks.
         nan_at: (step, rank) pairs at which that rank's first per-sample loss is made NaN.
+        add_at: (step, micro, value): every rank adds `value` to the losses of that micro-batch of
+            that step (changes the weights, not d loss / d theta: forces a deferred-window overflow).
         probe: also return the trained engine's logits on `irdro.export.probe_tokens`.
         record: each rank also reports `modes` (the model's train flag at every train_step) and
             `losses` ([step, micro, grad_enabled, per-sample losses] for every forward of a step).
@@ -154,6 +159,7 @@ def _run_ranks(
                 {
                     "recipe": recipe,
                     "nan_at": [list(x) for x in nan_at],
+                    "add_at": [list(x) for x in add_at],
                     "out": tmp,
                     "probe": probe,
                     "record": record,
@@ -226,6 +232,7 @@ def _worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])
     nan_at = {tuple(x) for x in spec["nan_at"]}
+    add_at = {(s, m): v for s, m, v in spec["add_at"]}
     record = bool(spec.get("record"))
 
     out = {"records": [], "error": None, "modes": [], "losses": []}
@@ -236,6 +243,8 @@ def _worker(spec_path: str) -> int:
         if (step, rank) in nan_at and micro == 0:
             losses = losses.clone()
             losses[0] = math.nan
+        if (step, micro) in add_at:
+            losses = losses + add_at[step, micro]
         return losses
 
     def before_step(step: int, engine) -> None:
@@ -261,7 +270,7 @@ def _worker(spec_path: str) -> int:
         ce.save = save
 
     hooks = Hooks(
-        losses=losses_hook if nan_at or record else None,
+        losses=losses_hook if nan_at or add_at or record else None,
         before_step=before_step if record or spec.get("stop_at") else None,
         after_setup=fill_disk if spec.get("full_disk_at") else None,
     )

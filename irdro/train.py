@@ -40,7 +40,7 @@ from irdro.config import (
     validate,
 )
 from irdro.data import Batches, make_batch
-from irdro.engine import exit_rank, init_distributed, initialize, shutdown_distributed
+from irdro.engine import exit_rank, gradients_divided_by, init_distributed, initialize, shutdown_distributed
 from irdro.faults import EXIT_RANK_FAILURE, EXIT_REQUEUE, Preempted, RankFailure, StopSignals
 from irdro.fsio import atomic_write_text, staged_dir
 from irdro.metrics import RankZeroLogger
@@ -53,7 +53,7 @@ from irdro.model import (
     per_sample_nll,
     sharded_sample_nll,
 )
-from irdro.normalize import Window, backward_scale, reweight_window
+from irdro.normalize import DeferredWindow, Window, backward_scale, defers_normaliser, reweight_window
 from irdro.paths import check_local_paths
 from irdro.rundir import RunDir
 from irdro.shards import DataError, ShardDataset, ShardMismatch, check_compatible
@@ -88,6 +88,8 @@ class StepStats:
         skipped: 1 when DeepSpeed did not apply the step (a non-finite loss on some rank), else 0.
         local_tokens: supervised tokens this rank trained on (the loop all-reduces them).
         windows: the step's windows: one per micro-batch (`window: micro`) or one (`step`).
+        scoring_pass: 1 when the step ran a no-grad scoring pass (window `step` not deferred, or a
+            deferred step that overflowed and was scored), else 0.
     """
 
     loss: float
@@ -97,9 +99,10 @@ class StepStats:
     skipped: int
     local_tokens: int
     windows: list[Window]
+    scoring_pass: int = 0
 
     @classmethod
-    def of(cls, windows: list[Window], skipped: bool, local_tokens: int) -> StepStats:
+    def of(cls, windows: list[Window], skipped: bool, local_tokens: int, scoring_pass: bool = False) -> StepStats:
         """The statistics of a step's windows; the weight statistics are NaN unless all are finite."""
         finite = all(w.finite for w in windows)
 
@@ -114,6 +117,7 @@ class StepStats:
             skipped=int(skipped),
             local_tokens=local_tokens,
             windows=windows,
+            scoring_pass=int(scoring_pass),
         )
 
     def metrics(self) -> dict[str, float | int]:
@@ -124,6 +128,7 @@ class StepStats:
             "ess": self.ess,
             "max_weight": self.max_weight,
             "skipped": self.skipped,
+            "scoring_pass": self.scoring_pass,
         }
 
 
@@ -162,11 +167,11 @@ def set_rng_state_of(device: torch.device, state: tuple[Tensor, Tensor | None]) 
 def train_step(
     engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, step: int, loss_hook: LossHook | None = None
 ) -> StepStats:
-    """One optimizer step: weights per window, `DP (x GA) * sum p_i l_i` backward, engine.step()."""
+    """One optimizer step: weights per window, `DP (x GA) * sum p_i l_i` backward, engine.step().
+    Window `step` defers the normaliser where the scheme allows (`irdro.normalize.defers_normaliser`)
+    and otherwise, or after an overflow of the deferred exponents, scores the step first."""
     if not engine.module.training:  # dropout and gradient checkpointing depend on it
         raise RuntimeError("irdro bug: train_step called with the model in eval mode")
-    cfg, ga = recipe.reweight, recipe.grad_accum_steps
-    scale = backward_scale(cfg.window, dist.dp_size(), ga)
     device = engine.device
 
     def losses_of(m: int, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -174,6 +179,40 @@ def train_step(
         return (loss_hook(step, m, losses) if loss_hook else losses), counts
 
     batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+    if defers_normaliser(recipe.reweight, step):
+        rng = rng_state_of(device)
+        stats = deferred_step(engine, batches, recipe, step, losses_of)
+        if stats is not None:
+            return stats
+        set_rng_state_of(device, rng)  # the scored retry replays the discarded attempt's dropout masks
+    return scored_step(engine, batches, recipe, step, losses_of)
+
+
+def deferred_step(engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: int, losses_of) -> StepStats | None:
+    """The `step` window without a scoring pass (`irdro.normalize.DeferredWindow`). Returns None
+    when a micro-batch overflowed: its NaN backward made DeepSpeed discard the step's gradient (on
+    every rank: the overflow is decided on gathered losses), and the caller scores the step."""
+    scale = backward_scale("step", dist.dp_size(), recipe.grad_accum_steps)
+    win = DeferredWindow(recipe.reweight, step, scale)
+    tokens = 0
+    for m, batch in enumerate(batches):
+        losses, counts = losses_of(m, batch)
+        coeffs = win.add(losses, counts.gt(0), batch["sample_ids"])
+        # None (non-finite or overflow): NaN gradients make every rank's DeepSpeed discard the step
+        engine.backward((coeffs * losses).sum() if coeffs is not None else losses.sum() * math.nan)
+        with gradients_divided_by(engine, win.divisor if m == len(batches) - 1 else 1.0):
+            engine.step()
+        tokens += int(counts.sum())
+    if win.overflow and win.finite:
+        return None
+    return StepStats.of([win.window()], skipped=not engine.was_step_applied(), local_tokens=tokens)
+
+
+def scored_step(engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: int, losses_of) -> StepStats:
+    """Window `micro`, or `step` with a no-grad scoring pass over the step's micro-batches before
+    the first backward (the grad forward replays each one's RNG state: same dropout masks)."""
+    cfg, ga, device = recipe.reweight, recipe.grad_accum_steps, engine.device
+    scale = backward_scale(cfg.window, dist.dp_size(), ga)
     windows: list[Window] = []
     rng: list[tuple[Tensor, Tensor | None]] = []
     if cfg.window == "step":  # scoring pass: the whole step's losses before the first backward
@@ -209,7 +248,8 @@ def train_step(
         engine.backward(loss)
         engine.step()
         tokens += int(counts.sum())
-    return StepStats.of(windows, skipped=not engine.was_step_applied(), local_tokens=tokens)
+    skipped = not engine.was_step_applied()
+    return StepStats.of(windows, skipped=skipped, local_tokens=tokens, scoring_pass=cfg.window == "step")
 
 
 @torch.no_grad()

@@ -141,7 +141,7 @@ def _recipe(window: str, ga: int = 2) -> Recipe:
         output_dir="unused",
         micro_batch_size=2,
         grad_accum_steps=ga,
-        reweight=ReweightConfig(scheme="irdro", lam=0.5, window=window),
+        reweight=ReweightConfig(scheme="irdro", lam=0.5, window=window, scoring_pass="always"),
     )
 
 

@@ -102,3 +102,75 @@ def test_warmup_gives_uniform_weights(monkeypatch):
     w = normalize.reweight_window(*r0, cfg, step=4, scale=1)
     assert w.weights.tolist() == [0.5, 0.5]
     assert normalize.reweight_window(*r0, cfg, step=5, scale=1).weights[1] > 0.99
+
+
+# ----------------------------------------------------------------------------- deferred normaliser
+
+
+def deferred_vs_scored(cfg: ReweightConfig, micro: list[torch.Tensor], step: int = 0, scale: float = 3.0):
+    """A world of one: the DeferredWindow's coefficients / Z and Window against the scored window's."""
+    valid = [torch.ones_like(x, dtype=torch.bool) for x in micro]
+    ids = [torch.arange(len(x)) + 100 * m for m, x in enumerate(micro)]
+    win = normalize.DeferredWindow(cfg, step, scale)
+    coeffs = [win.add(x, v, i) for x, v, i in zip(micro, valid, ids, strict=True)]
+    scored = normalize.reweight_window(torch.stack(micro), torch.stack(valid), torch.stack(ids), cfg, step, scale)
+    return win, coeffs, scored
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [ReweightConfig(scheme="irdro", lam=0.3), ReweightConfig(scheme="erm"), ReweightConfig(scheme="irdro", lam=1e6)],
+    ids=["irdro", "erm", "irdro-flat"],
+)
+def test_deferred_coefficients_over_the_normaliser_are_the_scored_weights(cfg):
+    micro = [torch.tensor([2.0, 3.5, 1.0]), torch.tensor([4.0, 0.5, 2.5]), torch.tensor([1.5, 6.0, 2.0])]
+    win, coeffs, scored = deferred_vs_scored(cfg, micro)
+    assert not win.overflow and win.finite
+    got = torch.stack(coeffs).double() / win.divisor
+    assert torch.allclose(got, scored.coeffs.double(), rtol=1e-6, atol=0), (got, scored.coeffs)
+    w = win.window()  # the logged window is the scored one, field for field
+    for name in ("ids", "losses", "weights", "ranks", "coeffs"):
+        assert torch.equal(getattr(w, name), getattr(scored, name)), name
+    assert (w.ess, w.max_weight, w.weighted_loss, w.mean_loss) == (
+        scored.ess,
+        scored.max_weight,
+        scored.weighted_loss,
+        scored.mean_loss,
+    )
+
+
+def test_deferred_exponents_overflow_past_the_bound_only():
+    lam = 0.1
+    cfg = ReweightConfig(scheme="irdro", lam=lam)
+    bound = (normalize.SHIFT_HEADROOM + normalize.MAX_EXPONENT) * lam  # above micro-batch 0's largest loss
+    inside = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0 + bound - 0.01])]
+    win, coeffs, scored = deferred_vs_scored(cfg, inside)
+    assert not win.overflow and torch.isfinite(torch.stack(coeffs)).all()
+    assert torch.allclose(torch.stack(coeffs).double() / win.divisor, scored.coeffs.double(), rtol=1e-5)
+    outside = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0 + bound + 0.01]), torch.tensor([1.0, 1.0])]
+    win, coeffs, _ = deferred_vs_scored(cfg, outside)
+    assert win.overflow and coeffs[0] is not None and coeffs[1] is None and coeffs[2] is None
+    assert win.divisor == 1.0 and win.finite
+
+
+def test_deferred_non_finite_loss_withholds_coefficients_and_the_window_says_so():
+    cfg = ReweightConfig(scheme="irdro", lam=0.5)
+    win, coeffs, scored = deferred_vs_scored(cfg, [torch.tensor([1.0, 2.0]), torch.tensor([math.nan, 1.0])])
+    assert coeffs[1] is None and not win.finite and not win.overflow and win.divisor == 1.0
+    assert not win.window().finite and not scored.finite
+
+
+def test_which_steps_defer_the_normaliser():
+    step = ReweightConfig(scheme="irdro", lam=0.5, window="step")
+    assert normalize.defers_normaliser(step, 0)
+    assert normalize.defers_normaliser(ReweightConfig(scheme="erm", window="step"), 0)
+    assert not normalize.defers_normaliser(ReweightConfig(scheme="irdro", window="micro"), 0)
+    assert not normalize.defers_normaliser(ReweightConfig(scheme="irdro", window="step", scoring_pass="always"), 0)
+    for ranked in (
+        ReweightConfig(scheme="irdro", window="step", trim_top=0.25),
+        ReweightConfig(scheme="midrank", window="step"),
+        ReweightConfig(scheme="transform", window="step"),
+    ):
+        assert not normalize.defers_normaliser(ranked, 5)
+        warm = ReweightConfig(**{**ranked.__dict__, "warmup_steps": 2})
+        assert normalize.defers_normaliser(warm, 1) and not normalize.defers_normaliser(warm, 2)  # ERM warm-up
