@@ -898,13 +898,34 @@ def throughput(c: Check, res: dict) -> None:
             errors.append(f"{variant}: {proc.why}" + ("" if "tokens_per_s" in row else ", no step after warm-up"))
         add_ratios_and_mfu(res)
         c.write_json()
+    res["deferred_vs_scored"] = same_training(
+        read_metrics(c.work / "throughput_irdro_step"), read_metrics(c.work / "throughput_irdro_step_scored")
+    )
+    c.write_json()
     if errors:
         raise SectionFailed("; ".join(errors))
-    res["message"] = ", ".join(
-        f"{k} {v['tokens_per_s']:.0f} tok/s (x{v['tokens_per_s_vs_erm']:.3f})"
-        + (f" MFU {v['mfu']:.3f}" if v.get("mfu") is not None else "")
-        for k, v in res["variants"].items()
+    res["message"] = (
+        ", ".join(
+            f"{k} {v['tokens_per_s']:.0f} tok/s (x{v['tokens_per_s_vs_erm']:.3f})"
+            + (f" MFU {v['mfu']:.3f}" if v.get("mfu") is not None else "")
+            for k, v in res["variants"].items()
+        )
+        + f"; deferred vs scored step window: {res['deferred_vs_scored']}"
     )
+
+
+def same_training(a: list[dict], b: list[dict]) -> dict:
+    """How far two runs of the same steps drifted apart: the largest per-step difference of the
+    logged losses and weight statistics (the deferred and the scored `step` window train the same
+    weights; in bf16 they differ by rounding only), and which steps used the scoring pass."""
+    keys = ("loss", "weighted_loss", "ess", "max_weight", "grad_norm")
+    pairs = [(x, y) for x, y in zip(a, b, strict=False) if x.get("step") == y.get("step") and "loss" in x]
+    out: dict = {"steps": len(pairs)}
+    for k in keys:
+        diffs = [abs(x[k] - y[k]) for x, y in pairs if is_finite(x.get(k)) and is_finite(y.get(k))]
+        out[f"max_abs_{k}"] = max(diffs) if diffs else None
+    out["scoring_pass_steps"] = [sum(int(x.get("scoring_pass", 0)) for x in run) for run in (a, b)]
+    return out
 
 
 def seq_len_of(shards: Path) -> int | None:
