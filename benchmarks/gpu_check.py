@@ -35,9 +35,11 @@ Sections, each timed, each in its own try/except (a failure is recorded and the 
 - throughput: a randomly initialised Llama of the Sheared-LLaMA-1.3B shape (hidden 2048,
   intermediate 5504, 24 layers, 16 heads, but the GPT-2 vocabulary 50257 of the carried shards
   instead of 32000: 1.42B parameters), bf16, ZeRO-3, sdpa, seq 2048, micro-batch 4, GA 2, via
-  `python -m irdro.train` for ERM, IR-DRO window micro and IR-DRO window step: median tokens/s
-  after warm-up (metrics.jsonl), MFU and ratios to ERM. flash-attn is not installed on the GPU
-  machine: its branch stays untested on GPU.
+  `python -m irdro.train` for ERM, IR-DRO window micro, IR-DRO window step (deferred normaliser),
+  the same with the scoring pass (`scoring_pass: always`) and ERM again (the A/A spread): median
+  tokens/s after warm-up (metrics.jsonl), MFU and ratios to ERM, and the step-by-step drift between
+  the deferred and the scored step window. flash-attn is not installed on the GPU machine: its
+  branch stays untested on GPU.
 
 The whole run keeps within --budget-s (480 s on GPU): every subprocess gets a timeout (a timeout
 is a failure) and a section that cannot start in the time left is recorded as an error. Exit code
@@ -103,7 +105,11 @@ SHEARED_LLAMA_SHAPE = dict(
 )
 
 # The reweighting of each throughput variant (those of benchmarks/bench_step.py but MidRanking).
-VARIANTS = {k: REWEIGHT_VARIANTS[k] for k in ("erm", "irdro_micro", "irdro_step", "irdro_step_scored")}
+# erm_aa: ERM launched again, so the ratios come with their A/A spread.
+VARIANTS = {
+    **{k: REWEIGHT_VARIANTS[k] for k in ("erm", "irdro_micro", "irdro_step", "irdro_step_scored")},
+    "erm_aa": REWEIGHT_VARIANTS["erm"],
+}
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s by a substring of torch.cuda.get_device_name(),
 # first match wins (NVIDIA data sheets). Other GPUs get no MFU (null) rather than a guess.
@@ -152,7 +158,7 @@ PLANS = {
         throughput_data="long2048",
         throughput_micro=4,
         throughput_ga=2,
-        throughput_steps=8,
+        throughput_steps=12,
         throughput_warmup=3,
         optim_tensors=64,
         optim_numel=1 << 24,  # 1.07e9 parameters
