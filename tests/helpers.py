@@ -126,6 +126,29 @@ def save_tiny_opt(path: Path) -> Path:
 # ========================================================================= launcher (tests/e2e)
 
 
+def ok(run):
+    """`run` (an `irdro.testing.run_ranks` result), after asserting that every rank finished; a
+    failure shows the rank's error and the end of its log."""
+    for rank in run.ranks:
+        assert rank.returncode == 0, f"rank failed: {rank.error}\n{rank.log[-3000:]}"
+    return run
+
+
+def trained(recipe: dict, world_size: int, **kw):
+    """`irdro.testing.run_ranks(recipe, world_size, **kw)` that must succeed on every rank."""
+    from irdro.testing import run_ranks
+
+    return ok(run_ranks(recipe, world_size, **kw))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two state dicts of the same names and shapes."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
 def launcher() -> str:
     path = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
     assert path, "the deepspeed launcher is not installed"

@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import ok, save_tiny_model
 
 from irdro.checkpoint import CHECKPOINT_DIR
 from irdro.testing import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
-
-
-def ok(run):
-    for rank in run.ranks:
-        assert rank.returncode == 0, f"{rank.error}\n{rank.log[-3000:]}"
-    return run
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

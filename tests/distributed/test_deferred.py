@@ -9,19 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from irdro.testing import run_ranks
+from helpers import trained as train
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-6
 STATS = ("loss", "weighted_loss", "ess", "max_weight")
-
-
-def train(recipe: dict, world_size: int, **kw):
-    run = run_ranks(recipe, world_size, **kw)
-    for rank in run.ranks:
-        assert rank.returncode == 0, f"rank failed: {rank.error}\n{rank.log[-3000:]}"
-    return run
 
 
 def sample_rows(recipe: dict) -> list[dict]:

@@ -7,24 +7,11 @@ consolidated fp32 parameters against a 1-rank, GA-1 reference (abs diff <= 1e-6)
 from __future__ import annotations
 
 import pytest
-
-from irdro.testing import run_ranks
+from helpers import max_abs_diff
+from helpers import trained as train
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-6
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def train(recipe: dict, world_size: int):
-    run = run_ranks(recipe, world_size)
-    for rank in run.ranks:
-        assert rank.returncode == 0, f"rank failed: {rank.error}\n{rank.log[-3000:]}"
-    assert run.state_dict is not None
-    return run
 
 
 @pytest.fixture(scope="module")

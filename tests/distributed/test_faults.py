@@ -8,17 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ok
 
 from irdro.checkpoint import CHECKPOINT_DIR, MARKER, check_complete
 from irdro.testing import run_ranks
 
 pytestmark = pytest.mark.distributed
-
-
-def ok(run):
-    for rank in run.ranks:
-        assert rank.returncode == 0, f"{rank.error}\n{rank.log[-3000:]}"
-    return run
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -11,24 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from irdro.testing import Run, run_ranks
+from helpers import max_abs_diff
+from helpers import trained as train
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
-
-
-def train(recipe: dict, world_size: int, patches: tuple[str, ...] = ()) -> Run:
-    run = run_ranks(recipe, world_size, patches=patches)
-    for rank in run.ranks:
-        assert rank.returncode == 0, f"rank failed: {rank.error}\n{rank.log[-3000:]}"
-    assert run.state_dict is not None
-    return run
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def dumps(recipe: dict) -> list[dict]:

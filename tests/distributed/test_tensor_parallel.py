@@ -9,26 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import max_abs_diff, ok, save_tiny_model
 
 from irdro.testing import run_ranks
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
-
-
-def ok(run):
-    for rank in run.ranks:
-        assert rank.returncode == 0, f"{rank.error}\n{rank.log[-3000:]}"
-    assert run.state_dict is not None
-    return run
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape, k  # full weights, not one TP shard
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def assert_same_losses(got, want) -> None:

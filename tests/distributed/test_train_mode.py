@@ -13,17 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import save_tiny_opt
+from helpers import ok, save_tiny_opt
 
 from irdro.testing import run_ranks
 
 pytestmark = pytest.mark.distributed
-
-
-def ok(run):
-    for rank in run.ranks:
-        assert rank.returncode == 0, f"{rank.error}\n{rank.log[-3000:]}"
-    return run
 
 
 @pytest.fixture(scope="module")
