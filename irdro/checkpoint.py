@@ -202,6 +202,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
             "step": step,
             "world_size": client_state["world_size"],
             "sequence_parallel": client_state["sequence_parallel"],
+            "tensor_parallel": client_state["tensor_parallel"],
             "id": uuid.uuid4().hex,
             "files": files,
         }
@@ -267,6 +268,8 @@ class ResumePoint:
     """Data-parallel ranks that wrote it."""
     sequence_parallel: int = 1
     """Ranks each sample was split over (markers written before it existed: 1)."""
+    tensor_parallel: int = 1
+    """Ranks each layer was split over (likewise)."""
 
 
 def find_resume(output_dir: str | Path, resume: str) -> ResumePoint | None:
@@ -312,6 +315,7 @@ def _point(tag_dir: Path) -> ResumePoint:
         step=int(meta["step"]),
         world_size=int(meta["world_size"]),
         sequence_parallel=int(meta.get("sequence_parallel", 1)),
+        tensor_parallel=int(meta.get("tensor_parallel", 1)),
     )
 
 
@@ -338,16 +342,8 @@ def prepare_elastic(point: ResumePoint) -> Path:
     cached beside the tag and reused only while it belongs to that very tag. Call on every rank:
     rank 0 converts, and a failure is raised on every rank (CheckpointError).
 
-    Raises:
-        ConfigError: the tag was saved with tensor parallelism, which the conversion cannot merge.
+    Only for layouts without sequence or tensor parallelism (`irdro.train.check_resume_layout`).
     """
-    saved_tp = _tensor_parallel_degree(point.tag_dir)
-    if saved_tp > 1:
-        raise ConfigError(
-            f"resume: {point.tag_dir} was saved with parallel.tensor_parallel={saved_tp} on {point.world_size} "
-            f"data-parallel ranks; DeepSpeed cannot convert AutoTP checkpoints to another layout: launch the "
-            f"same layout, or export it (tools/convert_to_hf.py) and start a new run from the export"
-        )
     out = universal_dir(point.tag_dir)
 
     def convert() -> None:
@@ -391,15 +387,9 @@ def load(engine, point: ResumePoint, elastic: bool, global_batch: int) -> dict:
             only valid for the global batch the checkpoint was trained with.
 
     Raises:
-        ConfigError: the checkpoint was trained with another global batch or tensor-parallel size.
+        ConfigError: the checkpoint was trained with another global batch.
     """
     tag_dir = universal_dir(point.tag_dir) if elastic else point.tag_dir
-    saved_tp, tp = _tensor_parallel_degree(tag_dir), max(1, engine.autotp_size())
-    if saved_tp != tp:
-        raise ConfigError(
-            f"resume: {point.tag_dir} was saved with parallel.tensor_parallel={saved_tp}, this launch has {tp}; "
-            f"resume with the same tensor_parallel, or export it (tools/convert_to_hf.py) and start a new run"
-        )
     _, client_state = engine.load_checkpoint(
         str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -464,8 +454,6 @@ def consolidated_fp32(tag_dir: Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(tag_dir / TP_WEIGHTS))
-    if _tensor_parallel_degree(tag_dir) > 1:
-        raise RuntimeError(f"{tag_dir}: an AutoTP checkpoint without {TP_WEIGHTS}; cannot consolidate its shards")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -489,12 +477,3 @@ def save_tp_weights(engine, tag_dir: Path) -> None:
         keep = set(engine.module.state_dict().keys())
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k in keep}
         save_file({k: v.contiguous() for k, v in state.items()}, str(tag_dir / TP_WEIGHTS))
-
-
-def _tensor_parallel_degree(tag_dir: Path) -> int:
-    """The AutoTP degree a tag was saved with (1 without tensor parallelism)."""
-    files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
-    if not files:
-        return 1
-    states = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-    return int((states.get("checkpoint_parallel_dimensions") or {}).get("tp_degree", 1))

@@ -388,15 +388,17 @@ class Hooks:
 
 def check_resume_layout(point: ResumePoint | None, recipe: Recipe, dp: int) -> None:
     """A checkpoint resumes on another number of data-parallel ranks (elastic, universal checkpoint)
-    only without sequence parallelism on either side: with it, ZeRO partitions over DP x SP ranks
-    and files are kept per SP rank, which the universal conversion does not handle."""
+    only without sequence or tensor parallelism on either side: with SP, ZeRO partitions over DP x SP
+    ranks; with TP, DeepSpeed's conversion cannot re-shard AutoTP tags. Either must keep its layout."""
     if point is None:
         return
-    sp = recipe.parallel.sequence_parallel
-    if (point.sequence_parallel, point.world_size) != (sp, dp) and max(point.sequence_parallel, sp) > 1:
+    p = recipe.parallel
+    saved = (point.world_size, point.sequence_parallel, point.tensor_parallel)
+    now = (dp, p.sequence_parallel, p.tensor_parallel)
+    if saved != now and max(*saved[1:], *now[1:]) > 1:
         raise ConfigError(
-            f"parallel.sequence_parallel: {point.tag_dir} was written by {point.world_size} data-parallel x "
-            f"{point.sequence_parallel} sequence-parallel ranks, this launch has {dp} x {sp}; resume with that "
+            f"parallel: {point.tag_dir} was written by {saved[0]} data-parallel x {saved[1]} sequence-parallel x "
+            f"{saved[2]} tensor-parallel ranks, this launch has {now[0]} x {now[1]} x {now[2]}; resume with that "
             "layout, or export it (tools/convert_to_hf.py) and start a new run from the export"
         )
 
@@ -553,6 +555,7 @@ def client_state(recipe: Recipe, step: int, dp: int) -> dict:
         "consumed_samples": step * recipe.global_batch(dp),
         "world_size": dp,
         "sequence_parallel": recipe.parallel.sequence_parallel,
+        "tensor_parallel": recipe.parallel.tensor_parallel,
         "recipe": recipe.to_dict(),
         "irdro_version": __version__,
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from irdro.checkpoint import own_step_tensors, rng_state, set_rng_state
@@ -33,34 +35,20 @@ def test_rng_state_round_trip_restores_the_streams() -> None:
     assert torch.equal(a, torch.rand(3, device="cpu"))
 
 
-def _tag(tmp_path, tp: int):
-    """A tag holding only DeepSpeed's model-states file of TP rank 0, saved with AutoTP degree `tp`."""
-    from irdro.checkpoint import ResumePoint
-
-    tag = tmp_path / "checkpoints" / "step_00000003"
-    tag.mkdir(parents=True)
-    states = {"checkpoint_parallel_dimensions": {"pp_degree": 1, "tp_degree": tp}}
-    torch.save(states, tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    return ResumePoint(tag_dir=tag, step=3, world_size=1)
-
-
-def test_a_tensor_parallel_checkpoint_resumes_only_on_its_layout(tmp_path) -> None:
+def test_a_tensor_parallel_checkpoint_resumes_only_on_its_layout() -> None:
     import pytest
 
-    from irdro.checkpoint import load, prepare_elastic
-    from irdro.config import ConfigError
+    from irdro.checkpoint import ResumePoint
+    from irdro.config import ConfigError, recipe_from_dict
+    from irdro.train import check_resume_layout
 
-    class Engine:  # what `load` asks of a DeepSpeed engine before it touches the files
-        def __init__(self, tp: int) -> None:
-            self.tp = tp
-
-        def autotp_size(self) -> int:
-            return self.tp
-
-    point = _tag(tmp_path, tp=2)
-    with pytest.raises(ConfigError, match=r"^resume: .* parallel.tensor_parallel=2 on 1 data-parallel ranks; Deep"):
-        prepare_elastic(point)
-    with pytest.raises(ConfigError, match=r"^resume: .* parallel.tensor_parallel=2, this launch has 1;"):
-        load(Engine(0), point, elastic=False, global_batch=4)
-    with pytest.raises(ConfigError, match=r"tensor_parallel=1, this launch has 2;"):
-        load(Engine(2), _tag(tmp_path / "b", tp=1), elastic=False, global_batch=4)
+    base = {"output_dir": "runs/x", "model": {"path": "m", "tokenizer": "t"}, "data": {"train": "d"}}
+    tp2 = recipe_from_dict({**base, "parallel": {"tensor_parallel": 2}})
+    point = ResumePoint(Path("ck/step_3"), 3, world_size=1, tensor_parallel=2)
+    check_resume_layout(point, tp2, dp=1)
+    with pytest.raises(ConfigError, match=r"^parallel: .* x 2 tensor-parallel ranks, this launch has 1 x 1 x 1;"):
+        check_resume_layout(point, recipe_from_dict(base), dp=1)
+    with pytest.raises(ConfigError, match=r"x 2 tensor-parallel ranks, this launch has 2 x 1 x 2"):
+        check_resume_layout(point, tp2, dp=2)  # no elastic resume of an AutoTP tag
+    with pytest.raises(ConfigError, match=r"x 1 tensor-parallel ranks, this launch has 1 x 1 x 2"):
+        check_resume_layout(ResumePoint(Path("ck/step_3"), 3, world_size=1), tp2, dp=1)

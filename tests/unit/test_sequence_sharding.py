@@ -136,9 +136,12 @@ def test_resume_with_another_sequence_parallel_layout_is_refused():
     same = ResumePoint(Path("ck/step_2"), 2, world_size=1, sequence_parallel=2)
     check_resume_layout(same, r, dp=1)
     check_resume_layout(None, r, dp=1)
-    with pytest.raises(ConfigError, match="1 data-parallel x 2 sequence-parallel ranks, this launch has 2 x 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^parallel: .* 1 data-parallel x 2 sequence-parallel x 1 .* this launch has 2 x 2 x 1",
+    ):
         check_resume_layout(same, r, dp=2)
-    with pytest.raises(ConfigError, match="2 data-parallel x 1 sequence-parallel ranks, this launch has 1 x 2"):
+    with pytest.raises(ConfigError, match="2 data-parallel x 1 sequence-parallel x 1 .* this launch has 1 x 2 x 1"):
         check_resume_layout(ResumePoint(Path("ck/step_2"), 2, world_size=2), r, dp=1)
     # without sequence parallelism on either side the elastic path stays open
     check_resume_layout(ResumePoint(Path("ck/step_2"), 2, world_size=2), recipe_from_dict({**BASE, "parallel": {}}), 1)
