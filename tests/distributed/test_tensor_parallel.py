@@ -109,4 +109,5 @@ def test_tp_resume_equals_uninterrupted_and_refuses_another_tp(base_recipe, tmp_
     shutil.copytree(recipe["output_dir"], other["output_dir"])
     refused = run_ranks(other, 1)
     assert refused.ranks[0].returncode == 1
-    assert "x 2 tensor-parallel ranks, this launch has 2 x 1 x 1" in refused.ranks[0].error
+    layouts = "1 data-parallel x 1 sequence-parallel x 2 tensor-parallel ranks, this launch has 1 x 1 x 1"
+    assert layouts in refused.ranks[0].error
