@@ -53,7 +53,9 @@ def test_gpu_check_cpu_dry_run(tmp_path, gpt2_tokenizer_dir):
     assert sections["gpu_tests"]["counts"]["skipped"] >= 10  # collected, so they import on CPU
     assert all(sections["recipe"]["checks"].values())
     variants = sections["throughput"]["variants"]
-    assert list(variants) == ["erm", "irdro_micro", "irdro_step", "irdro_step_scored"]
+    assert list(variants) == ["erm", "irdro_micro", "irdro_step", "irdro_step_scored", "erm_aa"]
     assert all(v["tokens_per_s"] > 0 for v in variants.values())
+    drift = sections["throughput"]["deferred_vs_scored"]  # fp32 on CPU: the same training
+    assert drift["steps"] >= 1 and drift["max_abs_loss"] <= 1e-5 and drift["scoring_pass_steps"][0] == 0
     assert variants["erm"]["tokens_per_s_vs_erm"] == 1.0 and variants["erm"]["mfu"] is None
     assert "== throughput: pass" in (out / "gpu_check.log").read_text()
