@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from irdro.config import load_recipe, resolve_ds_config, zero_stage
+from irdro.config import RECIPE_OWNED_DS_KEYS, load_recipe, resolve_ds_config, zero_stage
 from irdro.validate import check_sequence_parallel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,15 +47,7 @@ def test_recipe_validates_and_merges(path, monkeypatch):
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_ds_config_is_engine_settings_only(path):
     ds = json.loads(path.read_text())
-    owned = {
-        "train_batch_size",
-        "train_micro_batch_size_per_gpu",
-        "gradient_accumulation_steps",
-        "optimizer",
-        "scheduler",
-        "gradient_clipping",
-    }
-    assert not owned & ds.keys()
+    assert not set(RECIPE_OWNED_DS_KEYS) & ds.keys()
     assert ds["bf16"]["enabled"] == path.stem.endswith("bf16")
     assert zero_stage(ds) == (2 if path.stem.startswith("zero2") else 3)
     offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
