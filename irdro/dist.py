@@ -218,14 +218,24 @@ def sp_sum_differentiable(t: Tensor) -> Tensor:
     return _SPSum.apply(t)
 
 
-def check_sequence_groups(sp: tdist.ProcessGroup, sequence_data: tdist.ProcessGroup) -> None:
-    """Raise unless DeepSpeed's Ulysses groups (`sp`: the attention all-to-all; `sequence_data`: its
-    gradient reduction and ZeRO partitioning) match this module's: the same SP ranks, and the whole
-    world. A mismatch would make the loss sums and the attention exchange talk to different ranks."""
-    if group_ranks(sp) != _layout.mp_ranks or sorted(group_ranks(sequence_data)) != list(range(world_size())):
+def check_deepspeed_groups(model_parallel: tdist.ProcessGroup, gradient: tdist.ProcessGroup) -> None:
+    """Raise unless the groups DeepSpeed made for Ulysses or AutoTP match this module's layout.
+
+    Args:
+        model_parallel: DeepSpeed's SP group (the attention all-to-all) or TP group (the sharded layers):
+            must hold this rank's SP/TP ranks.
+        gradient: the group DeepSpeed reduces gradients over and partitions ZeRO state in: the whole
+            world (DP x SP) under Ulysses, the DP group under AutoTP.
+
+    A mismatch would make the loss sums, the weight gather and the gradient average talk to
+    different ranks than the sampler assumed.
+    """
+    expected = tuple(range(world_size())) if _layout.sp > 1 else _layout.dp_ranks
+    theirs = (group_ranks(model_parallel), tuple(sorted(group_ranks(gradient))))
+    if theirs != (_layout.mp_ranks, tuple(sorted(expected))):
         raise RuntimeError(
-            f"irdro bug: DeepSpeed's Ulysses groups (SP {group_ranks(sp)}, sequence-data "
-            f"{group_ranks(sequence_data)}) differ from irdro.dist's (SP {_layout.mp_ranks})"
+            f"irdro bug: DeepSpeed's groups (model-parallel {theirs[0]}, gradient {theirs[1]}) differ from "
+            f"irdro.dist's (model-parallel {_layout.mp_ranks}, gradient {expected})"
         )
 
 

@@ -160,13 +160,7 @@ def initialize(recipe: Recipe, model: torch.nn.Module, ds_config: dict, mpu=None
 
         groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
         mpu = groups
-        theirs = (
-            dist.group_ranks(groups.get_data_parallel_group()),
-            dist.group_ranks(groups.get_tensor_model_parallel_group()),
-        )
-        ours = (dist.layout().dp_ranks, dist.layout().mp_ranks)
-        if theirs != ours:  # the weights would be gathered, and gradients averaged, over other ranks
-            raise RuntimeError(f"DeepSpeed's AutoTP (DP, TP) groups {theirs} differ from irdro.dist's {ours}")
+        dist.check_deepspeed_groups(groups.get_tensor_model_parallel_group(), groups.get_data_parallel_group())
 
     # Callables, so DeepSpeed builds both over the parameters and optimizer it actually manages.
     engine, _, _, _ = deepspeed.initialize(

@@ -162,7 +162,7 @@ def enable_sequence_parallel(model, sequence_parallel: int, micro_batch_size: in
         )
     except ValueError as e:
         raise ConfigError(f"parallel.sequence_parallel: {_first_line(e)}") from None
-    dist.check_sequence_groups(mpu.get_sequence_parallel_group(), mpu.get_sequence_data_parallel_group())
+    dist.check_deepspeed_groups(mpu.get_sequence_parallel_group(), mpu.get_sequence_data_parallel_group())
     return mpu
 
 

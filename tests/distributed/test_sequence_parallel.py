@@ -117,7 +117,7 @@ def test_sp2_negative_controls(sp_recipe):
 def test_sp2_dp2_equals_sp1_dp2_midrank(sp_recipe):
     """4 processes, SP 2 x DP 2 == 2 processes, DP 2 (MidRanking, so the band is compared): DP
     deduplication and the gradient scale at DP > 1; the group layout is DeepSpeed's (checked
-    against its Ulysses groups inside every SP run, irdro.dist.check_sequence_groups)."""
+    against its Ulysses groups inside every SP run, irdro.dist.check_deepspeed_groups)."""
     kw = dict(micro_batch_size=2, reweight={"scheme": "midrank", "frac": 0.5, "portion": 1, "window": "step"})
     ref_recipe, sp_recipe_ = sp_recipe(**kw), sp_recipe(**kw, parallel={"sequence_parallel": 2})
     ref = train(ref_recipe, 2)
