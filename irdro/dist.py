@@ -101,25 +101,12 @@ def sp_group() -> tdist.ProcessGroup | None:
     return _layout.mp_group if _layout.sp > 1 else None
 
 
-def tp_group() -> tdist.ProcessGroup | None:
-    """This rank's tensor-parallel group; None without tensor parallelism."""
-    return _layout.mp_group if _layout.tp > 1 else None
-
-
 def sp_size() -> int:
     return _layout.sp
 
 
-def tp_size() -> int:
-    return _layout.tp
-
-
 def sp_rank() -> int:
     return tdist.get_rank(sp_group()) if sp_size() > 1 else 0
-
-
-def tp_rank() -> int:
-    return tdist.get_rank(tp_group()) if tp_size() > 1 else 0
 
 
 def dp_size() -> int:
