@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -51,6 +52,8 @@ SEQ_LEN = 128
 VOCAB = 4096
 NOISE_FRAC = 0.2  # noise documents as a fraction of the continual training documents
 EVAL_FRAC = 0.1  # clean continual passages held out for evaluation
+REF_FRAC = 0.05  # clean continual passages held out to train the reference model (RHO-LOSS style)
+REF_STEPS = 40  # ERM steps of the reference model on them, from the base model (~3 epochs)
 PASSAGE_CHARS = 400
 MICRO_BATCH = 8  # per rank; 2 ranks -> a window of 16 samples
 PRETRAIN_STEPS = 400
@@ -72,21 +75,27 @@ TINY_LLAMA = dict(
     eos_token_id=0,
 )
 
-# name -> reweight section. Chosen before seeing any result; see docs/benchmarks.md.
+# name -> reweight section. The first five were chosen before any result of the first experiment
+# (see docs/benchmarks.md); erm_trim0.25 and erm_clean_only were added after its seed 1; the
+# reference-model, offline-selection and local-normalisation arms were added for issue 13 before
+# any of their results.
 SCHEMES: dict[str, dict] = {
     "erm": {"scheme": "erm"},
-    "irdro_lam0.5": {"scheme": "irdro", "lam": 0.5},
     "irdro_lam1": {"scheme": "irdro", "lam": 1.0},
-    "irdro_lam2": {"scheme": "irdro", "lam": 2.0},
-    "irdro_lam1_trim0.25": {"scheme": "irdro", "lam": 1.0, "trim_top": 0.25},
+    "irdro_lam1_excess": {"scheme": "irdro", "lam": 1.0, "signal": "excess"},
+    "irdro_lam1_local": {"scheme": "irdro", "lam": 1.0, "normalize": "local"},
     "midrank_f0.25_p1": {"scheme": "midrank", "frac": 0.25, "portion": 1},
-    "hardest_lam0.02": {"scheme": "irdro", "lam": 0.02},
-    # Controls added after seed 1 of the grid above had run: trimming alone (uniform weights on the
-    # rest), and the oracle that never sees a noise document (the headroom any scheme could gain).
+    "band_offline": {"scheme": "erm"},
     "erm_trim0.25": {"scheme": "irdro", "lam": 1e6, "trim_top": 0.25},
+    "droptop_offline": {"scheme": "erm"},
     "erm_clean_only": {"scheme": "erm"},
 }
-CLEAN_ONLY = {"erm_clean_only"}  # trained on shards/train_clean (the same clean documents only)
+# Arms trained on other shards than shards/train (the same clean documents, or a selection of
+# shards/train made offline with tools/score_data.py + tools/select_data.py from the base model's
+# losses; doc ids are kept, so noise accounting works on them too).
+DATA = {"erm_clean_only": "train_clean", "band_offline": "sel_band", "droptop_offline": "sel_droptop"}
+SELECTIONS = {"sel_band": ["--keep", "0.5:0.75"], "sel_droptop": ["--drop-top", "0.25"]}
+CLEAN_ONLY = {"erm_clean_only"}  # every document is clean
 
 CYRILLIC = dict(
     zip(
@@ -196,10 +205,13 @@ def build(args) -> None:
     cont = [p for n in cont_names for p in passages(works[n])]
     rng.shuffle(cont)
     num_eval = int(EVAL_FRAC * len(cont))
+    num_ref = int(REF_FRAC * len(cont))
+    eval_docs = cont[:num_eval]
+    ref_docs = cont[num_eval : num_eval + num_ref]  # the reference model's clean held-out slice
+    cont = eval_docs + cont[num_eval + num_ref :]
     # The noise kinds that start from a real passage take it from a pool used nowhere else.
     num_train_clean = int((len(cont) - num_eval) / (1 + NOISE_FRAC / (1 - NOISE_FRAC) * 2 / 3))
     num_noise = round(NOISE_FRAC / (1 - NOISE_FRAC) * num_train_clean)
-    eval_docs = cont[:num_eval]
     train_clean = cont[num_eval : num_eval + num_train_clean]
     pool = cont[num_eval + num_train_clean :]
     kinds = ["random_tokens", "shuffled_chars", "cyrillic"]
@@ -213,11 +225,13 @@ def build(args) -> None:
     write_jsonl(WORK / "pretrain.jsonl", pre_passages)
     write_jsonl(WORK / "continual_train.jsonl", [t for _, t in docs])
     write_jsonl(WORK / "continual_eval.jsonl", eval_docs)
+    write_jsonl(WORK / "continual_ref.jsonl", ref_docs)
     (WORK / "doc_kinds.json").write_text(json.dumps([k for k, _ in docs]))
     for name, out in (
         ("pretrain.jsonl", "pretrain"),
         ("continual_train.jsonl", "train"),
         ("continual_eval.jsonl", "eval"),
+        ("continual_ref.jsonl", "ref"),
     ):
         prepare(
             [str(WORK / name)],
@@ -237,9 +251,10 @@ def build(args) -> None:
         "num_noise_docs": num_noise,
         "noise_doc_fraction": num_noise / len(docs),
         "num_eval_docs": len(eval_docs),
+        "num_ref_docs": len(ref_docs),
         "examples": {k: next(t for kk, t in docs if kk == k)[:160] for k in ["clean", *kinds]},
     }
-    for split in ("pretrain", "train", "eval"):
+    for split in ("pretrain", "train", "eval", "ref"):
         m = json.loads((WORK / "shards" / split / "manifest.json").read_text())
         summary[f"{split}_samples"] = m["num_samples"]
         summary[f"{split}_tokens"] = m["num_tokens"]
@@ -353,6 +368,62 @@ def noise_weight(run_dir: Path, kinds: list[str], sample_doc: list[int]) -> dict
     return out
 
 
+def export_run(res, out: Path) -> None:
+    """Save a finished run's consolidated weights (run_ranks' state dict) as an HF folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_LLAMA))
+    model.load_state_dict(res.state_dict, strict=False)
+    model.tie_weights()
+    with staged_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(tmp)
+
+
+def tool(*argv: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
+    subprocess.run([sys.executable, *argv], check=True, cwd=ROOT, env=env)
+
+
+def reference(args) -> None:
+    """The RHO-LOSS-style reference model (the base model after REF_STEPS ERM steps on the clean
+    held-out slice shards/ref), its scores of shards/train (`reference`), the base model's scores
+    (`base`) and the offline selections made from them (SELECTIONS)."""
+    ref_model = WORK / "ref_model"
+    if not (ref_model / "config.json").exists():
+        recipe = base_recipe(WORK / "runs" / "reference", seed=0)
+        recipe.update(max_steps=REF_STEPS)
+        recipe["model"]["path"] = str(WORK / "base_model")
+        recipe["data"]["train"] = str(WORK / "shards" / "ref")
+        recipe["reweight"] = {"scheme": "erm"}
+        recipe["optim"] = {"name": "adamw", "lr": CONTINUAL_LR, "weight_decay": 0.0, "grad_clip": 1.0}
+        shutil.rmtree(recipe["output_dir"], ignore_errors=True)
+        say(f"training the reference model: {REF_STEPS} ERM steps on the clean held-out slice")
+        res = run(recipe, timeout=1800)
+        say(f"reference model: clean eval ppl {res.records[-1].get('eval_ppl')}")
+        export_run(res, ref_model)
+    train = WORK / "shards" / "train"
+    for name, model in (("reference", ref_model), ("base", WORK / "base_model")):
+        if not (train / "scores" / name / "scores.json").exists():
+            tool("-m", "tools.score_data", "--data", str(train), "--model", str(model), "--name", name)
+    for out, rule in SELECTIONS.items():
+        if not (WORK / "shards" / out / "manifest.json").exists():
+            tool(
+                "tools/select_data.py",
+                "--data",
+                str(train),
+                "--scores",
+                "base",
+                *rule,
+                "--output",
+                str(WORK / "shards" / out),
+                "--plot",
+                str(WORK / f"{out}_histogram.png"),
+            )
+
+
 def grid(args) -> None:
     """Every (seed, scheme) not yet in noise_runs.jsonl; schemes rotate within each seed."""
     import numpy as np
@@ -365,26 +436,26 @@ def grid(args) -> None:
     if out.exists():
         done = {(r["seed"], r["name"]) for r in map(json.loads, out.read_text().splitlines())}
     kinds = json.loads((WORK / "doc_kinds.json").read_text())
-    data = ShardDataset(WORK / "shards" / "train")
-    sample_doc = [int(data[i].doc_id) for i in range(len(data))]
-    if (
-        any(n in CLEAN_ONLY for n in args.schemes or SCHEMES)
-        and not (WORK / "shards" / "train_clean" / "manifest.json").exists()
-    ):
-        build_clean(args)
-    clean_data = ShardDataset(WORK / "shards" / "train_clean")
-    clean_doc = [0] * len(clean_data)  # every sample's doc is clean
     names = args.schemes or list(SCHEMES)
+    if any(n in CLEAN_ONLY for n in names) and not (WORK / "shards" / "train_clean" / "manifest.json").exists():
+        build_clean(args)
+    sample_doc: dict[str, list[int]] = {}
     for s_idx, seed in enumerate(args.seeds):
         shift = s_idx * 3 % len(names)  # a different scheme order per seed (drift on a shared box)
         for name in names[shift:] + names[:shift]:
             if (seed, name) in done:
                 continue
+            data_dir = WORK / "shards" / DATA.get(name, "train")
+            if str(data_dir) not in sample_doc:
+                data = ShardDataset(data_dir)
+                docs = [0 if name in CLEAN_ONLY else int(data[i].doc_id) for i in range(len(data))]
+                sample_doc[str(data_dir)] = docs
             run_dir = WORK / "runs" / f"{name}_s{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
             recipe = base_recipe(run_dir, seed)
             recipe.update(max_steps=args.steps)
             recipe["model"]["path"] = str(WORK / "base_model")
+            recipe["data"]["train"] = str(data_dir)
             recipe["reweight"] = {**SCHEMES[name], "window": "micro"}
             recipe["optim"] = {
                 "name": "adamw",
@@ -394,8 +465,6 @@ def grid(args) -> None:
                 "scheduler": "constant",
             }
             recipe["log"]["samples_every"] = 1
-            if name in CLEAN_ONLY:
-                recipe["data"]["train"] = str(WORK / "shards" / "train_clean")
             t0 = time.perf_counter()
             res = run(recipe, timeout=1800)
             wall = time.perf_counter() - t0
@@ -408,6 +477,7 @@ def grid(args) -> None:
                 "steps": args.steps,
                 "lr": args.lr,
                 "reweight": SCHEMES[name],
+                "data": DATA.get(name, "train"),
                 "eval_loss_start": evals[0]["eval_loss"],
                 "eval_loss": evals[-1]["eval_loss"],
                 "eval_ppl": evals[-1]["eval_ppl"],
@@ -416,11 +486,7 @@ def grid(args) -> None:
                 "ess_mean": float(np.mean([r["ess"] for r in recs])),
                 "skipped": int(sum(r["skipped"] for r in recs)),
                 "wall_s": wall,
-                **(
-                    noise_weight(run_dir, ["clean"], clean_doc)
-                    if name in CLEAN_ONLY
-                    else noise_weight(run_dir, kinds, sample_doc)
-                ),
+                **noise_weight(run_dir, ["clean"] if name in CLEAN_ONLY else kinds, sample_doc[str(data_dir)]),
             }
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -448,6 +514,7 @@ def report(args) -> None:
             continue
         ppl = [r["eval_ppl"] for r in rs]
         rel = [r["eval_ppl"] / erm[r["seed"]] for r in rs if r["seed"] in erm]
+        diff = [r["eval_ppl"] - erm[r["seed"]] for r in rs if r["seed"] in erm]
         table.append(
             {
                 "name": name,
@@ -460,6 +527,9 @@ def report(args) -> None:
                 "ppl_std": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
                 "ppl_vs_erm": rel,
                 "ppl_vs_erm_mean": statistics.mean(rel) if rel else math.nan,
+                "ppl_diff_vs_erm": statistics.mean(diff) if diff else math.nan,
+                "ppl_diff_se": statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else math.nan,
+                "data": rs[0].get("data", "train"),
                 "ppl_start": rs[0]["eval_ppl_start"],
                 "weight_noise_mean": statistics.mean(r["weight_noise"] for r in rs),
                 "weight_by_kind": {
@@ -482,20 +552,25 @@ def report(args) -> None:
         f"({summary['noise_doc_fraction']:.1%}) are noise (random tokens / shuffled characters / "
         f"Cyrillic transliteration, equal shares); clean held-out eval set of "
         f"{summary['num_eval_docs']} passages. {rows[0]['steps']} steps, window = 16 samples "
-        f"(2 ZeRO-3 ranks x micro-batch {MICRO_BATCH}), AdamW lr {rows[0]['lr']}, constant.",
+        f"(2 ZeRO-3 ranks x micro-batch {MICRO_BATCH}), AdamW lr {rows[0]['lr']}, constant. "
+        f"Reference model (`signal: excess`): the base model after {REF_STEPS} ERM steps on "
+        f"{summary.get('num_ref_docs')} other clean passages. Offline arms train with ERM on a "
+        "selection of the training shards by the base model's per-sample loss "
+        f"(tools/score_data.py + tools/select_data.py: {SELECTIONS}).",
         "",
         f"Clean held-out perplexity before continual training: {table[0]['ppl_start']:.2f}.",
         "",
-        "| scheme | reweight | clean ppl mean ± std (min–max) | ppl / ERM, same seed: mean (min–max) | "
-        "weight on noise docs | noise share of samples | ESS |",
-        "|---|---|---|---|---|---|---|",
+        "| scheme | reweight | data | clean ppl mean ± std (min–max) | ppl / ERM, same seed: mean (min–max) | "
+        "ppl − ERM, same seed: mean ± SE | weight on noise docs | noise share of samples | ESS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in table:
         params = ", ".join(f"{k}={v}" for k, v in t["reweight"].items() if k != "scheme")
         lines.append(
-            f"| {t['name']} | {t['reweight']['scheme']} {params} | {t['ppl_mean']:.3f} ± "
+            f"| {t['name']} | {t['reweight']['scheme']} {params} | {t['data']} | {t['ppl_mean']:.3f} ± "
             f"{t['ppl_std']:.3f} ({t['ppl_min']:.3f}–{t['ppl_max']:.3f}) | "
             f"{t['ppl_vs_erm_mean']:.3f} ({min(t['ppl_vs_erm']):.3f}–{max(t['ppl_vs_erm']):.3f}) | "
+            f"{t['ppl_diff_vs_erm']:+.2f} ± {t['ppl_diff_se']:.2f} | "
             f"{t['weight_noise_mean']:.3f} | "
             f"{t['share_noise_samples']:.3f} | {t['ess_mean']:.3f} |"
         )
@@ -561,6 +636,10 @@ def config_dict() -> dict:
         "micro_batch": MICRO_BATCH,
         "world_size": 2,
         "pretrain_steps": PRETRAIN_STEPS,
+        "ref_frac": REF_FRAC,
+        "ref_steps": REF_STEPS,
+        "data": DATA,
+        "selections": SELECTIONS,
         "model": TINY_LLAMA,
         "schemes": SCHEMES,
     }
@@ -568,7 +647,7 @@ def config_dict() -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("stage", choices=["build", "pretrain", "grid", "report", "all"])
+    p.add_argument("stage", choices=["build", "pretrain", "reference", "grid", "report", "all"])
     p.add_argument("--steps", type=int, default=CONTINUAL_STEPS, help="continual steps per run")
     p.add_argument("--lr", type=float, default=CONTINUAL_LR)
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
@@ -580,7 +659,7 @@ def main() -> int:
         help="grid: only these schemes (default: all)",
     )
     args = p.parse_args()
-    stages = ["build", "pretrain", "grid", "report"] if args.stage == "all" else [args.stage]
+    stages = ["build", "pretrain", "reference", "grid", "report"] if args.stage == "all" else [args.stage]
     for s in stages:
         globals()[s](args)
     return 0
