@@ -37,6 +37,7 @@ def scored_copy(shards: Path, dest: Path, **references: np.ndarray) -> Path:
     return dest
 
 
+@pytest.mark.slow  # 4 trainings, ~60 s
 def test_excess_over_a_constant_is_the_loss_and_deferred_equals_scored(base_recipe, sonnet_shards, tmp_path):
     n = Manifest.read(sonnet_shards / "train").num_samples
     varied = np.random.default_rng(0).uniform(0.0, 4.0, n)
