@@ -103,6 +103,17 @@ class ReweightConfig:
     """`transform` scheme: half-width of the rescaled loss range (> 0)."""
     warmup_steps: int = 0
     """Uniform weights for the first N optimizer steps."""
+    signal: Literal["loss", "excess"] = "loss"
+    """What the weights are a function of: the per-sample loss l_i, or the excess loss l_i - r_i over
+    a reference model's loss r_i (the `reference` scores of `data.train`). Only the weights change:
+    the back-propagated losses stay l_i."""
+    reference: str = "reference"
+    """signal `excess`: the name of the scores of `data.train` (DIR/scores/NAME, from
+    tools/score_data.py) that hold the reference losses r_i."""
+    normalize: Literal["global", "local"] = "global"
+    """`global`: one weight distribution over the window's samples on every DP rank. `local`: each
+    DP rank normalises over its own samples only, as the official research code does (for parity
+    studies; the weights then depend on the number of ranks). `local` always scores the step."""
 
 
 @dataclass(frozen=True)
@@ -499,6 +510,11 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(w.portion >= 0, "reweight.portion", f"must be >= 0, got {w.portion}")
     _check(w.delta > 0, "reweight.delta", f"must be > 0, got {w.delta}")
     _check(w.warmup_steps >= 0, "reweight.warmup_steps", "must be >= 0")
+    _check(
+        bool(w.reference) and "/" not in w.reference and w.reference not in (".", ".."),
+        "reweight.reference",
+        f"must be the name of a score set of data.train (DIR/scores/NAME), got {w.reference!r}",
+    )
 
     o = r.optim
     _check(o.lr >= 0, "optim.lr", "must be >= 0")
@@ -563,8 +579,8 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
                 f"{r.grad_accum_steps} x data-parallel size {dp} = {r.global_batch(dp)}",
             )
         check_window = SCHEMES[w.scheme].check_window
-        if check_window is not None:
-            check_window(w, r.window_size(dp))
+        if check_window is not None:  # normalize local: each rank weights its own share of the window
+            check_window(w, r.window_size(dp) // dp if w.normalize == "local" else r.window_size(dp))
 
 
 # Attention implementations DeepSpeed Ulysses runs (it refuses eager: it drops 4D masks).

@@ -88,15 +88,18 @@ class RankZeroLogger:
     def samples(self, step: int, windows: list, describe=None) -> None:
         """Write every window's per-sample rows of `step` to samples/step_<N>.jsonl (atomically; a
         resumed run rewrites the file of a redone step). `describe(sample_id) -> dict` adds fields
-        such as doc_id/chunk_id/num_tokens. Non-finite numbers become null (strict JSON)."""
+        such as doc_id/chunk_id/num_tokens; with `reweight.signal: excess` each row also holds its
+        reference loss `reference` (r_i; the weights are a function of loss - reference). Non-finite
+        numbers become null (strict JSON)."""
         if not self.active:
             return
         run = RunDir(self.output_dir)
         run.samples.mkdir(exist_ok=True)
         lines = []
         for w_idx, w in enumerate(windows):
-            for sid, rank, loss, weight in zip(
-                w.ids.tolist(), w.ranks.tolist(), w.losses.tolist(), w.weights.tolist(), strict=True
+            refs = w.references.tolist() if w.references is not None else [None] * w.num_samples
+            for sid, rank, loss, weight, ref in zip(
+                w.ids.tolist(), w.ranks.tolist(), w.losses.tolist(), w.weights.tolist(), refs, strict=True
             ):
                 row = {
                     "step": step,
@@ -106,6 +109,8 @@ class RankZeroLogger:
                     "loss": loss if math.isfinite(loss) else None,
                     "weight": weight if math.isfinite(weight) else None,
                 }
+                if ref is not None:
+                    row["reference"] = ref
                 if describe is not None:
                     row.update(describe(sid))
                 lines.append(json.dumps(row))

@@ -20,11 +20,24 @@ identically on every rank from the per-micro gathers) before clipping
 (`irdro.engine.gradients_divided_by`), which applies `sum_{i in W} p_i grad l_i` exactly as the
 scored window does, at the cost of ERM. A micro-batch whose exponent (l - c) / t would exceed
 `MAX_EXPONENT` is an overflow: the step's gradient is discarded and the step scored instead.
+
+Signal (`reweight.signal`). The weights are a function of the signal s_i: the loss l_i itself, or
+with a `reference` (`signal: excess`) the excess loss s_i = l_i - r_i, r_i looked up by sample id.
+Only the weights see it: coefficients still multiply l_i, and the deferred normaliser's exponents
+are (s_i - c) / t, so the deferred and scored windows agree for either signal.
+
+Local normalisation (`reweight.normalize: local`, the official research code's behaviour). Each DP
+rank's share of the window is weighted on its own: p_i = w_i^(r) / DP with w^(r) the scheme's
+weights over rank r's samples, so the global vector still sums to 1 (when every rank has samples)
+and the applied gradient is (1/DP) sum_r sum_{i in r} w_i^(r) grad l_i, what the official code's
+per-rank backward and DeepSpeed's DP mean give. One loss scale cannot carry DP normalisers: local
+windows are always scored (`defers_normaliser` is False).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +46,32 @@ from torch import Tensor
 from irdro import dist
 from irdro.config import ReweightConfig
 from irdro.reweight import compute_weights, scheme_params, softmax_numerators, softmax_temperature
+
+Reference = Tensor | Callable[[Tensor], Tensor]
+"""Reference losses r_i for `signal: excess`: a (num_samples,) float tensor indexed by sample id (on
+CPU or any device), or a function `(N,) int64 ids -> (N,) r`."""
+
+
+def reference_at(reference: Reference, ids: Tensor) -> Tensor:
+    """(...) fp64 reference losses r of sample ids `ids` (any shape), on `ids`' device."""
+    r = reference(ids) if callable(reference) else reference[ids.to(reference.device)]
+    return r.to(ids.device, torch.float64)
+
+
+def signal_of(losses: Tensor, ids: Tensor, reference: Reference | None) -> Tensor:
+    """What the weights are computed from: `losses`, or with a reference the excess loss l - r[ids].
+
+    Args:
+        losses: (...) fp32 per-sample losses.
+        ids: (...) int64 sample ids of the same shape and device (any valid id on padding).
+        reference: None (signal `loss`) or the reference losses (`Reference`).
+
+    Returns:
+        (...) fp32 on `losses`' device: l - r computed in fp64, then rounded once.
+    """
+    if reference is None:
+        return losses
+    return (losses.double() - reference_at(reference, ids)).float()
 
 
 @dataclass(frozen=True)
@@ -51,6 +90,8 @@ class Window:
         losses: (num_samples,) fp32 per-sample losses in `ids` order.
         weights: (num_samples,) fp32 weights in `ids` order.
         ranks: (num_samples,) int64 DP rank each sample was trained on, in `ids` order.
+        references: (num_samples,) fp32 reference losses r_i in `ids` order (signal `excess`), else None.
+        mean_excess: plain mean of l_i - r_i over the window (signal `excess`), else None.
     """
 
     coeffs: Tensor
@@ -64,6 +105,8 @@ class Window:
     losses: Tensor
     weights: Tensor
     ranks: Tensor
+    references: Tensor | None = None
+    mean_excess: float | None = None
 
 
 def backward_scale(window: str, dp: int, grad_accum_steps: int) -> int:
@@ -78,6 +121,7 @@ def reweight_window(
     cfg: ReweightConfig,
     step: int,
     scale: float,
+    reference: Reference | None = None,
 ) -> Window:
     """Global weights for one window. Call on every rank (all-gathers over the DP group).
 
@@ -92,9 +136,10 @@ def reweight_window(
         cfg: the recipe's reweighting section.
         step: 0-based optimizer step (for `warmup_steps`).
         scale: `backward_scale(...)`.
+        reference: the reference losses for signal `excess` (module docstring); None: the losses.
     """
     m, b = local_losses.shape
-    return window_of(gather_rows(local_losses, local_valid, local_ids), m, b, cfg, step, scale)
+    return window_of(gather_rows(local_losses, local_valid, local_ids), m, b, cfg, step, scale, reference)
 
 
 def gather_rows(local_losses: Tensor, local_valid: Tensor, local_ids: Tensor) -> Tensor:
@@ -112,8 +157,18 @@ def gather_rows(local_losses: Tensor, local_valid: Tensor, local_ids: Tensor) ->
     return dist.all_gather_losses(rows)
 
 
-def window_of(gathered: Tensor, m: int, b: int, cfg: ReweightConfig, step: int, scale: float) -> Window:
-    """The Window of gathered rows: `gather_rows` of (m, B) samples per rank (no collective)."""
+def window_of(
+    gathered: Tensor,
+    m: int,
+    b: int,
+    cfg: ReweightConfig,
+    step: int,
+    scale: float,
+    reference: Reference | None = None,
+) -> Window:
+    """The Window of gathered rows: `gather_rows` of (m, B) samples per rank (no collective).
+    Weights are those of the signal (`signal_of`), over the whole window or, with
+    `cfg.normalize == "local"`, over each rank's rows divided by the number of ranks."""
     device = gathered.device
     flat = gathered.reshape(-1, 3)
     valid = flat[:, 1] > 0.5
@@ -127,10 +182,21 @@ def window_of(gathered: Tensor, m: int, b: int, cfg: ReweightConfig, step: int, 
     if n == 0:
         raise RuntimeError("reweighting window holds no valid sample on any rank")
 
+    ranks = idx // (m * b)
     finite = bool(torch.isfinite(losses).all())
+    refs = None if reference is None else reference_at(reference, ids)
+    signal = losses if refs is None else (losses.double() - refs).float()  # = signal_of(losses, ids, reference)
     if finite:
         name, params = scheme_params(cfg, step)
-        weights = compute_weights(losses, name, **params)
+        if cfg.normalize == "local":
+            num_ranks = gathered.shape[0]
+            weights = torch.zeros_like(losses)
+            for r in range(num_ranks):
+                mine = torch.nonzero(ranks == r).squeeze(1)
+                if mine.numel():
+                    weights[mine] = compute_weights(signal[mine], name, **params) / num_ranks
+        else:
+            weights = compute_weights(signal, name, **params)
     else:
         weights = torch.zeros_like(losses)
 
@@ -151,7 +217,9 @@ def window_of(gathered: Tensor, m: int, b: int, cfg: ReweightConfig, step: int, 
         ids=ids,
         losses=losses,
         weights=weights,
-        ranks=idx // (m * b),
+        ranks=ranks,
+        references=None if refs is None else refs.float(),
+        mean_excess=None if refs is None else float((losses.double() - refs).mean()),
     )
 
 
@@ -165,8 +233,14 @@ MAX_EXPONENT = 40.0
 
 
 def defers_normaliser(cfg: ReweightConfig, step: int) -> bool:
-    """Whether optimizer step `step` runs the `step` window through `DeferredWindow` (no scoring pass)."""
-    return cfg.window == "step" and cfg.scoring_pass == "auto" and softmax_temperature(cfg, step) is not None
+    """Whether optimizer step `step` runs the `step` window through `DeferredWindow` (no scoring pass):
+    window `step`, scoring_pass `auto`, global normalisation and a softmax scheme."""
+    return (
+        cfg.window == "step"
+        and cfg.scoring_pass == "auto"
+        and cfg.normalize == "global"
+        and softmax_temperature(cfg, step) is not None
+    )
 
 
 class DeferredWindow:
@@ -183,11 +257,12 @@ class DeferredWindow:
         normaliser: Z = sum_i u_i over the micro-batches so far (fp64; identical on every rank).
     """
 
-    def __init__(self, cfg: ReweightConfig, step: int, scale: float) -> None:
+    def __init__(self, cfg: ReweightConfig, step: int, scale: float, reference: Reference | None = None) -> None:
         temperature = softmax_temperature(cfg, step)
-        if temperature is None:
-            raise ValueError(f"reweight.scheme {cfg.scheme!r} at step {step} has no softmax temperature")
+        if temperature is None or cfg.normalize != "global":
+            raise ValueError(f"reweight {cfg.scheme!r} ({cfg.normalize}) at step {step} cannot defer its normaliser")
         self.cfg, self.step, self.scale, self.temperature = cfg, step, scale, temperature
+        self.reference = reference
         self.rows: list[Tensor] = []
         self.shift: float | None = None
         self.finite, self.overflow = True, False
@@ -206,7 +281,8 @@ class DeferredWindow:
         rows = gather_rows(local_losses[None], local_valid[None], local_ids[None])  # (dp, B, 3)
         self.rows.append(rows)
         valid = rows[..., 1] > 0.5
-        losses = rows[..., 0].float()  # the fp32 losses window_of weights
+        # the fp32 signal window_of weights (padding rows look up id 0)
+        losses = signal_of(rows[..., 0].float(), rows[..., 2].long().where(valid, 0), self.reference)
         self.finite = self.finite and bool(torch.isfinite(losses[valid]).all())
         if not self.finite or self.overflow:
             return None
@@ -232,4 +308,6 @@ class DeferredWindow:
     def window(self) -> Window:
         """The step's Window from the per-micro gathers, laid out as the scoring pass gathers it."""
         gathered = torch.cat(self.rows, dim=1)  # (dp, m*B, 3), row-major in (m, B)
-        return window_of(gathered, len(self.rows), self.rows[0].shape[1], self.cfg, self.step, self.scale)
+        return window_of(
+            gathered, len(self.rows), self.rows[0].shape[1], self.cfg, self.step, self.scale, self.reference
+        )

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from irdro import __version__, fsio
-from irdro.shards import MANIFEST_NAME, DataError
+from irdro.shards import MANIFEST_NAME, DataError, Manifest
 
 FORMAT_VERSION = 1
 SCORES_DIR = "scores"
@@ -147,7 +147,26 @@ def read_scores(shard_dir: str | Path, name: str = DEFAULT_NAME, *, key: str = "
     return Scores(path=path, meta=meta, nll=nll.astype(np.float64), tokens=tokens.astype(np.int64))
 
 
-def write_scores(shard_dir: str | Path, meta: ScoresMeta, nll: np.ndarray, tokens: np.ndarray, *, overwrite: bool = True) -> Path:
+def read_reference(shard_dir: str | Path, name: str = DEFAULT_NAME, *, key: str = "reweight.reference") -> Scores:
+    """`read_scores`, and the check that they cover every sample of the shards (the reference losses
+    of `reweight.signal: excess`, looked up by sample id).
+
+    Raises:
+        ScoresError: as `read_scores`, or scores of another number of samples than the manifest's.
+    """
+    scores = read_scores(shard_dir, name, key=key)
+    num_samples = Manifest.read(shard_dir).num_samples
+    if scores.meta.num_samples != num_samples:
+        raise ScoresError(
+            f"{key}: {scores.path} scores {scores.meta.num_samples} samples, {shard_dir} has {num_samples}; "
+            f"score it again with: deepspeed --module tools.score_data --data {shard_dir} --model MODEL --name {name}"
+        )
+    return scores
+
+
+def write_scores(
+    shard_dir: str | Path, meta: ScoresMeta, nll: np.ndarray, tokens: np.ndarray, *, overwrite: bool = True
+) -> Path:
     """Write DIR/scores/NAME atomically (a staging dir renamed into place). Returns its path."""
     nll, tokens = np.asarray(nll, dtype=np.float64), np.asarray(tokens, dtype=np.int64)
     if nll.shape != (meta.num_samples,) or tokens.shape != (meta.num_samples,):
@@ -167,6 +186,7 @@ __all__ = [
     "ScoresMeta",
     "available",
     "manifest_sha256",
+    "read_reference",
     "read_scores",
     "scores_dir",
     "write_scores",

@@ -53,9 +53,10 @@ from irdro.model import (
     per_sample_nll,
     sharded_sample_nll,
 )
-from irdro.normalize import DeferredWindow, Window, backward_scale, defers_normaliser, reweight_window
+from irdro.normalize import DeferredWindow, Reference, Window, backward_scale, defers_normaliser, reweight_window
 from irdro.paths import check_local_paths
 from irdro.rundir import RunDir
+from irdro.scores import read_reference
 from irdro.shards import DataError, ShardDataset, ShardMismatch, check_compatible
 
 log = logging.getLogger("irdro.train")
@@ -90,6 +91,7 @@ class StepStats:
         windows: the step's windows: one per micro-batch (`window: micro`) or one (`step`).
         scoring_pass: 1 when the step ran a no-grad scoring pass (window `step` not deferred, or a
             deferred step that overflowed and was scored), else 0.
+        mean_excess: mean over the windows of the plain mean of l_i - r_i (signal `excess`), else None.
     """
 
     loss: float
@@ -100,6 +102,7 @@ class StepStats:
     local_tokens: int
     windows: list[Window]
     scoring_pass: int = 0
+    mean_excess: float | None = None
 
     @classmethod
     def of(cls, windows: list[Window], skipped: bool, local_tokens: int, scoring_pass: bool = False) -> StepStats:
@@ -118,10 +121,11 @@ class StepStats:
             local_tokens=local_tokens,
             windows=windows,
             scoring_pass=int(scoring_pass),
+            mean_excess=None if windows[0].mean_excess is None else float(np.mean([w.mean_excess for w in windows])),
         )
 
     def metrics(self) -> dict[str, float | int]:
-        """The step's own metrics.jsonl fields."""
+        """The step's own metrics.jsonl fields (`mean_excess` with signal `excess` only)."""
         return {
             "loss": self.loss,
             "weighted_loss": self.weighted_loss,
@@ -129,6 +133,7 @@ class StepStats:
             "max_weight": self.max_weight,
             "skipped": self.skipped,
             "scoring_pass": self.scoring_pass,
+            **({} if self.mean_excess is None else {"mean_excess": self.mean_excess}),
         }
 
 
@@ -165,11 +170,17 @@ def set_rng_state_of(device: torch.device, state: tuple[Tensor, Tensor | None]) 
 
 
 def train_step(
-    engine, micro_batches: list[dict[str, Tensor]], recipe: Recipe, step: int, loss_hook: LossHook | None = None
+    engine,
+    micro_batches: list[dict[str, Tensor]],
+    recipe: Recipe,
+    step: int,
+    loss_hook: LossHook | None = None,
+    reference: Reference | None = None,
 ) -> StepStats:
     """One optimizer step: weights per window, `DP (x GA) * sum p_i l_i` backward, engine.step().
     Window `step` defers the normaliser where the scheme allows (`irdro.normalize.defers_normaliser`)
-    and otherwise, or after an overflow of the deferred exponents, scores the step first."""
+    and otherwise, or after an overflow of the deferred exponents, scores the step first.
+    `reference`: the reference losses of signal `excess` (`reference_losses`), else None."""
     if not engine.module.training:  # dropout and gradient checkpointing depend on it
         raise RuntimeError("irdro bug: train_step called with the model in eval mode")
     device = engine.device
@@ -181,19 +192,21 @@ def train_step(
     batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
     if defers_normaliser(recipe.reweight, step):
         rng = rng_state_of(device)
-        stats = deferred_step(engine, batches, recipe, step, losses_of)
+        stats = deferred_step(engine, batches, recipe, step, losses_of, reference)
         if stats is not None:
             return stats
         set_rng_state_of(device, rng)  # the scored retry replays the discarded attempt's dropout masks
-    return scored_step(engine, batches, recipe, step, losses_of)
+    return scored_step(engine, batches, recipe, step, losses_of, reference)
 
 
-def deferred_step(engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: int, losses_of) -> StepStats | None:
+def deferred_step(
+    engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: int, losses_of, reference: Reference | None
+) -> StepStats | None:
     """The `step` window without a scoring pass (`irdro.normalize.DeferredWindow`). Returns None
     when a micro-batch overflowed: its NaN backward made DeepSpeed discard the step's gradient (on
     every rank: the overflow is decided on gathered losses), and the caller scores the step."""
     scale = backward_scale("step", dist.dp_size(), recipe.grad_accum_steps)
-    win = DeferredWindow(recipe.reweight, step, scale)
+    win = DeferredWindow(recipe.reweight, step, scale, reference)
     tokens = 0
     for m, batch in enumerate(batches):
         losses, counts = losses_of(m, batch)
@@ -208,7 +221,9 @@ def deferred_step(engine, batches: list[dict[str, Tensor]], recipe: Recipe, step
     return StepStats.of([win.window()], skipped=not engine.was_step_applied(), local_tokens=tokens)
 
 
-def scored_step(engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: int, losses_of) -> StepStats:
+def scored_step(
+    engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: int, losses_of, reference: Reference | None
+) -> StepStats:
     """Window `micro`, or `step` with a no-grad scoring pass over the step's micro-batches before
     the first backward (the grad forward replays each one's RNG state: same dropout masks)."""
     cfg, ga, device = recipe.reweight, recipe.grad_accum_steps, engine.device
@@ -229,6 +244,7 @@ def scored_step(engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: 
                 cfg,
                 step,
                 scale,
+                reference,
             )
         )
     tokens = 0
@@ -238,7 +254,9 @@ def scored_step(engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: 
         losses, counts = losses_of(m, batch)
         if cfg.window == "micro":
             valid = counts.gt(0)
-            windows.append(reweight_window(losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale))
+            windows.append(
+                reweight_window(losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale, reference)
+            )
         win = windows[-1]
         coeffs = win.coeffs[0 if cfg.window == "micro" else m]
         if win.finite:
@@ -333,10 +351,25 @@ class Setup:
     eval_data: ShardDataset | None
     pad_id: int
     start_step: int
+    reference: Tensor | None = None
+
+
+def reference_losses(recipe: Recipe) -> Tensor | None:
+    """(num_samples,) fp64 CPU reference losses r_i by sample id for `reweight.signal: excess`
+    (the `reweight.reference` scores of data.train, one per sample of its manifest), else None.
+
+    Raises:
+        irdro.scores.ScoresError: the scores are missing, stale (other shards) or of another length;
+            the message names the shard directory and the command that makes them.
+    """
+    if recipe.reweight.signal != "excess":
+        return None
+    return torch.from_numpy(read_reference(recipe.data.train, recipe.reweight.reference).nll)
 
 
 def setup(recipe: Recipe) -> Setup:
-    """Data, tokenizer check, model, engine and (when a checkpoint exists) its resume state."""
+    """Data, reference scores, tokenizer check, model, engine and (when a checkpoint exists) its
+    resume state."""
     dp = dist.dp_size()
     tokenizer = load_tokenizer(recipe.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -345,6 +378,7 @@ def setup(recipe: Recipe) -> Setup:
     for d in (train_data, eval_data):
         if d is not None and recipe.data.verify_checksums:
             d.verify()
+    reference = reference_losses(recipe)  # before the model: a missing file fails in seconds
     ds_config = resolve_ds_config(recipe, dist.world_size())
     point = dist.from_main(lambda: find_resume(recipe.output_dir, recipe.resume))
     check_resume_layout(point, recipe, dp)
@@ -365,7 +399,7 @@ def setup(recipe: Recipe) -> Setup:
         start = load_checkpoint(engine, point, elastic, recipe.global_batch(dp))["step"]
         truncate_metrics(recipe.output_dir, start)
         log.info("resumed from %s at step %d%s", point.tag_dir, start, " (elastic)" if elastic else "")
-    return Setup(engine, train_data, eval_data, pad_id, start)
+    return Setup(engine, train_data, eval_data, pad_id, start, reference)
 
 
 @dataclass(frozen=True)
@@ -463,7 +497,7 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
                 if hooks.before_step is not None:
                     hooks.before_step(step, engine)
                 t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
-                stats = train_step(engine, batches.step(step), recipe, step, hooks.losses)
+                stats = train_step(engine, batches.step(step), recipe, step, hooks.losses, s.reference)
                 done = step + 1
                 record = step_record(engine, stats, done, lr, t0)
                 if s.eval_data is not None and (done == recipe.max_steps or every(done, recipe.eval.every)):

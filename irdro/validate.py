@@ -21,6 +21,7 @@ from irdro.config import (
     resolve_path,
 )
 from irdro.paths import check_local_paths
+from irdro.scores import read_reference
 from irdro.shards import DataError, Manifest
 
 
@@ -42,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-path-checks",
         action="store_true",
-        help="do not check that model.path, model.tokenizer and data.* exist (e.g. on a login "
-        "node without the data); the DeepSpeed JSON is always read",
+        help="do not check that model.path, model.tokenizer and data.* exist, nor the reference scores "
+        "of reweight.signal=excess (e.g. on a login node without the data); the DeepSpeed JSON is always read",
     )
     return parser.parse_intermixed_args(argv)
 
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides, world_size=args.world_size)
         if not args.no_path_checks:
             check_local_paths(recipe)
+            if recipe.reweight.signal == "excess":  # what irdro.train's setup reads on every rank
+                read_reference(recipe.data.train, recipe.reweight.reference)
         ds = resolve_ds_config(recipe, args.world_size)
         sp_line = check_sequence_parallel(recipe, paths=not args.no_path_checks)
     except (ConfigError, DataError) as e:

@@ -82,3 +82,29 @@ def test_train_main_reads_a_recipe_error_after_an_option(caplog):
     # a bad override stops main before any process group: the exit code shows the line was parsed
     assert main([SMOKE, "max_steps=3", "--local_rank=0", "optim.lr=fast"]) == 2
     assert "optim.lr: expected a number" in caplog.text
+
+
+def test_validate_names_missing_reference_scores(tmp_path, capsys):
+    """signal excess: validate (with path checks) refuses missing scores in one line naming the shard
+    dir and the command that makes them, and passes once they are there."""
+    import numpy as np
+    from helpers import random_samples, write_shards
+
+    from irdro.scores import ScoresMeta, manifest_sha256, write_scores
+
+    paths = smoke_inputs(tmp_path)
+    train = tmp_path / "d" / "train"
+    write_shards(train, random_samples(6), overwrite=True)
+    argv = [SMOKE, *paths, "reweight.signal=excess", "reweight.reference=ref"]
+    assert validate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert f"reweight.reference: {train} has no scores named 'ref'" in err and "tools.score_data" in err
+    assert validate.main([*argv, "--no-path-checks"]) == 0
+    meta = ScoresMeta(
+        name="ref", model={"path": "m"}, dtype="fp32", num_samples=6, manifest_sha256=manifest_sha256(train)
+    )
+    write_scores(train, meta, np.zeros(6), np.ones(6))
+    capsys.readouterr()
+    assert validate.main(argv) == 0
+    assert "signal: excess" in capsys.readouterr().out

@@ -50,6 +50,9 @@ def test_defaults_and_overrides_coerce_types(tmp_path):
         ("reweight.frac=0", "reweight.frac"),
         ("model.path=somewhere", "model.path: set exactly one"),
         ("model.dtype=fp16", "model.dtype: 'fp16' is not one of fp32, bf16"),
+        ("reweight.signal=excesss", "reweight.signal: 'excesss' is not one of loss, excess"),
+        ("reweight.normalize=per_rank", "reweight.normalize: 'per_rank' is not one of global, local"),
+        ("reweight.reference=a/b", "reweight.reference: must be the name of a score set"),
     ],
 )
 def test_errors_name_the_dotted_key(tmp_path, override, message):
@@ -68,6 +71,14 @@ def test_midrank_empty_band_is_a_config_error_at_load(tmp_path):
             ["reweight.scheme=midrank", "reweight.frac=0.5", "reweight.portion=2", "micro_batch_size=4"],
             world_size=1,
         )
+
+
+def test_local_normalisation_checks_the_band_of_one_rank(tmp_path):
+    """normalize local: MidRanking ranks each rank's share of the window (here 2 of 4 samples)."""
+    over = ["reweight.scheme=midrank", "reweight.frac=0.25", "reweight.portion=1", "micro_batch_size=2"]
+    load_recipe(write(tmp_path, BASE), over, world_size=2)  # global window 4: band [1, 2)
+    with pytest.raises(ConfigError, match="reweight.frac: MidRanking band is empty: floor.0.25 x window 2."):
+        load_recipe(write(tmp_path, BASE), [*over, "reweight.normalize=local"], world_size=2)
 
 
 def test_global_batch_is_checked_against_world_size(tmp_path):

@@ -174,3 +174,84 @@ def test_which_steps_defer_the_normaliser():
         assert not normalize.defers_normaliser(ranked, 5)
         warm = ReweightConfig(**{**ranked.__dict__, "warmup_steps": 2})
         assert normalize.defers_normaliser(warm, 1) and not normalize.defers_normaliser(warm, 2)  # ERM warm-up
+    assert not normalize.defers_normaliser(ReweightConfig(scheme="irdro", window="step", normalize="local"), 0)
+
+
+# -------------------------------------------------------------------- signal excess, normalize local
+
+
+def two_ranks(losses: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(2, B, 3) gathered rows of two ranks holding halves of `losses`/`ids` (m = 1)."""
+    rows = torch.stack([losses.double(), torch.ones_like(losses, dtype=torch.float64), ids.double()], 1)
+    return rows.reshape(2, -1, 3)
+
+
+@pytest.mark.parametrize("scheme", ["irdro", "midrank", "transform"])
+@pytest.mark.parametrize("as_function", [False, True], ids=["tensor", "callable"])
+def test_excess_weights_are_the_scheme_of_loss_minus_reference(monkeypatch, scheme, as_function):
+    cfg = ReweightConfig(scheme=scheme, lam=0.4, frac=0.5, portion=1)
+    losses = torch.tensor([2.0, 3.5, 1.0, 4.0, 0.5, 2.5])
+    ids = torch.tensor([5, 0, 3, 1, 4, 2])
+    table = torch.tensor([1.5, 3.9, 0.2, 0.1, 0.4, 2.0], dtype=torch.float64)  # r by sample id
+    reference = (lambda i: table[i]) if as_function else table
+    monkeypatch.setattr(dist, "dp_rank", lambda: 1)
+    win = normalize.window_of(two_ranks(losses, ids), 1, 3, cfg, step=0, scale=2.0, reference=reference)
+    order = torch.argsort(ids)
+    excess = (losses[order].double() - table[ids[order]]).float()
+    params = {"irdro": dict(lam=0.4, trim_top=0.0), "midrank": dict(frac=0.5, portion=1)}.get(scheme, dict(lam=0.4))
+    expect = compute_weights(excess, scheme, **params)
+    assert torch.equal(win.weights, expect)
+    assert not torch.equal(expect, compute_weights(losses[order], scheme, **params))  # the signal matters
+    assert torch.equal(win.losses, losses[order])  # statistics stay on l
+    assert math.isclose(win.weighted_loss, float((expect.double() * losses[order].double()).sum()), rel_tol=1e-12)
+    assert math.isclose(win.mean_excess, float(excess.double().mean()), rel_tol=1e-6)
+    assert torch.equal(win.references, table[ids[order]].float())
+    rank1 = torch.zeros(6)
+    rank1[order] = expect  # back in gathered order; rank 1 holds gathered rows 3..5
+    assert torch.allclose(win.coeffs[0], 2.0 * rank1[3:])
+
+
+def test_signal_loss_has_no_excess_statistics(monkeypatch):
+    monkeypatch.setattr(dist, "dp_rank", lambda: 0)
+    win = normalize.window_of(two_ranks(torch.rand(4), torch.arange(4)), 1, 2, ReweightConfig(scheme="irdro"), 0, 1.0)
+    assert win.references is None and win.mean_excess is None
+
+
+@pytest.mark.parametrize(
+    "cfg", [ReweightConfig(scheme="irdro", lam=0.3), ReweightConfig(scheme="erm")], ids=["irdro", "erm"]
+)
+def test_deferred_normaliser_with_a_reference_is_the_scored_window(cfg):
+    micro = [torch.tensor([2.0, 3.5, 1.0]), torch.tensor([4.0, 0.5, 2.5]), torch.tensor([1.5, 6.0, 2.0])]
+    table = torch.linspace(-3.0, 5.0, 300, dtype=torch.float64)  # ids are 100 m + j
+    valid = [torch.ones(3, dtype=torch.bool)] * 3
+    ids = [torch.arange(3) + 100 * m for m in range(3)]
+    win = normalize.DeferredWindow(cfg, 0, 3.0, table)
+    coeffs = torch.stack([win.add(x, v, i) for x, v, i in zip(micro, valid, ids, strict=True)])
+    scored = normalize.reweight_window(torch.stack(micro), torch.stack(valid), torch.stack(ids), cfg, 0, 3.0, table)
+    # fp32 softmax of exponents up to ~30: relative rounding ~30 x 6e-8
+    assert torch.allclose(coeffs.double() / win.divisor, scored.coeffs.double(), rtol=1e-5, atol=0)
+    w = win.window()
+    for name in ("ids", "losses", "weights", "references", "coeffs"):
+        assert torch.equal(getattr(w, name), getattr(scored, name)), name
+    assert w.mean_excess == scored.mean_excess
+
+
+@pytest.mark.parametrize("scheme", ["irdro", "midrank"])
+def test_local_normalisation_weights_each_rank_over_its_own_samples(monkeypatch, scheme):
+    cfg = ReweightConfig(scheme=scheme, lam=0.5, frac=0.5, portion=1, normalize="local")
+    losses = torch.tensor([2.0, 3.5, 1.0, 0.5, 4.0, 9.0, 2.5, 0.1])
+    ids = torch.tensor([6, 2, 0, 4, 1, 7, 3, 5])  # rank 0 holds 6, 2, 0, 4; rank 1 holds 1, 7, 3, 5
+    monkeypatch.setattr(dist, "dp_rank", lambda: 0)
+    win = normalize.window_of(two_ranks(losses, ids), 1, 4, cfg, step=0, scale=2.0)
+    params = dict(lam=0.5, trim_top=0.0) if scheme == "irdro" else dict(frac=0.5, portion=1)
+    by_id = torch.zeros(8)
+    for r in range(2):
+        by_id[ids[4 * r : 4 * r + 4]] = compute_weights(losses[4 * r : 4 * r + 4], scheme, **params) / 2
+    assert torch.allclose(win.weights, by_id, rtol=1e-6, atol=0)
+    assert math.isclose(float(win.weights.sum()), 1.0, rel_tol=1e-6)
+    assert win.ranks.tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert torch.allclose(win.coeffs[0], 2.0 * by_id[ids[:4]])
+    glob = normalize.window_of(
+        two_ranks(losses, ids), 1, 4, ReweightConfig(**{**cfg.__dict__, "normalize": "global"}), 0, 2.0
+    )
+    assert (glob.weights - win.weights).abs().max() > 0.1  # rank 1's 9.0 takes the global weight
