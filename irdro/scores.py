@@ -147,7 +147,9 @@ def read_scores(shard_dir: str | Path, name: str = DEFAULT_NAME, *, key: str = "
     return Scores(path=path, meta=meta, nll=nll.astype(np.float64), tokens=tokens.astype(np.int64))
 
 
-def write_scores(shard_dir: str | Path, meta: ScoresMeta, nll: np.ndarray, tokens: np.ndarray, *, overwrite: bool = True) -> Path:
+def write_scores(
+    shard_dir: str | Path, meta: ScoresMeta, nll: np.ndarray, tokens: np.ndarray, *, overwrite: bool = True
+) -> Path:
     """Write DIR/scores/NAME atomically (a staging dir renamed into place). Returns its path."""
     nll, tokens = np.asarray(nll, dtype=np.float64), np.asarray(tokens, dtype=np.int64)
     if nll.shape != (meta.num_samples,) or tokens.shape != (meta.num_samples,):
