@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         epilog=(
             "examples:\n"
-            "  python -m tools.score_data --data data/sonnets/train --model assets/smollm2-135m-instruct\n"
+            "  python -m tools.score_data --data data/sonnets-smollm2/train --model assets/smollm2-135m-instruct\n"
             "  deepspeed --num_gpus 8 --module tools.score_data --data data/corpus/train \\\n"
             "      --model /models/ref --name ref_small --dtype bf16 --micro-batch-size 16 --zero3"
         ),

@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         epilog=(
             "examples:\n"
-            "  python tools/select_data.py --data data/sonnets/train --scores reference --keep 0.25:0.75 \\\n"
-            "      --output data/sonnets_mid\n"
-            "  python tools/select_data.py --data data/sonnets/train --drop-top 0.05 --output data/sonnets_clean"
+            "  python tools/select_data.py --data data/sonnets-smollm2/train --scores reference --keep 0.25:0.75 \\\n"
+            "      --output data/sonnets-smollm2-mid\n"
+            "  python tools/select_data.py --data data/sonnets-smollm2/train --drop-top 0.05 \\\n"
+            "      --output data/sonnets-smollm2-clean"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
