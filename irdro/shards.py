@@ -194,6 +194,9 @@ class Manifest:
         chat_template: ``chat``: that template (Jinja text or named templates); chat shards of an
             irdro older than this field have only the hash.
         train_on_prompt: ``alpaca``/``chat``: prompt tokens are supervised too.
+        selection: shards that tools/select_data.py cut from a parent directory: {"parent": its
+            path, "parent_manifest_sha256", "scores": the score set's name, "rule": the band kept,
+            "parent_ids": "parent_ids.npy" (the parent's sample id of every row), "parent_ids_sha256"}.
     """
 
     format_version: int
@@ -218,6 +221,7 @@ class Manifest:
     chat_template_sha256: str | None = None
     chat_template: str | dict[str, str] | None = None
     train_on_prompt: bool | None = None
+    selection: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Manifest:
@@ -358,6 +362,7 @@ _OPTIONAL_KEYS = frozenset(
         "chat_template_sha256",
         "chat_template",
         "train_on_prompt",
+        "selection",
     )
 )
 _COUNTERS = ("num_truncated", "num_dropped_chunks")
@@ -381,6 +386,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "chat_template_sha256": (str,),
     "chat_template": (str, dict),
     "train_on_prompt": (bool,),
+    "selection": (dict,),
 }
 
 

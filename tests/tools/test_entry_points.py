@@ -46,7 +46,7 @@ def test_tool_edits_no_sys_path(tool: str) -> None:
     assert "sys.path" not in (ROOT / "tools" / f"{tool}.py").read_text()
 
 
-@pytest.mark.parametrize("tool", ["fetch_assets", "plot_weights"])
+@pytest.mark.parametrize("tool", ["fetch_assets", "plot_weights", "select_data"])
 def test_script_runs_from_any_directory(tool: str, tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"],
