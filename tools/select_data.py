@@ -10,11 +10,13 @@ traceback; an existing output is left as it was).
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from irdro import fsio
 from irdro.scores import DEFAULT_NAME
 from irdro.selection import Selection, parse_rule, select_shards
 from irdro.shards import DataError
@@ -58,8 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def have_matplotlib() -> bool:
+    """Whether the histogram can be drawn (matplotlib is the optional extra `plot`)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot_histogram(sel: Selection, path: Path, title: str) -> None:
-    """The scores' histogram with the kept band shaded (matplotlib, Agg)."""
+    """The scores' histogram with the kept band shaded (matplotlib, Agg), written atomically."""
     try:
         import matplotlib
     except ImportError:
@@ -76,19 +87,24 @@ def plot_histogram(sel: Selection, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    fsio.atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
+    plot = Path(args.plot) if args.plot else Path(args.output) / "scores_histogram.png"
+    draw = have_matplotlib()  # decided before OUT is written: a missing extra must not fail after it
     try:
+        if args.plot and not draw:
+            raise DataError("--plot needs matplotlib: pip install -e .[plot]")
         rule = parse_rule(args.keep, args.drop_top, args.drop_bottom)
         sel = select_shards(args.data, args.scores, rule, args.output, overwrite=args.overwrite)
-        plot = Path(args.plot) if args.plot else Path(args.output) / "scores_histogram.png"
-        plot_histogram(sel, plot, f"{args.data}: {args.scores}, {rule.text}")
+        if draw:
+            plot_histogram(sel, plot, f"{args.data}: {args.scores}, {rule.text}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     kept = sel.scores[sel.kept]
     print(f"rule {rule.text}: scores {lo:.4f} .. {hi:.4f} kept (ranks [{int(rule.lo * n)}, {int(rule.hi * n)}) of {n})")
     print(f"kept {k} of {n} samples ({k / n:.1%}); mean score kept {kept.mean():.4f}, all {np.mean(sel.scores):.4f}")
-    print(f"wrote {sel.output}: {sel.manifest.summary()}; histogram {plot}")
+    histogram = f"histogram {plot}" if draw else "no histogram (matplotlib missing: pip install -e .[plot])"
+    print(f"wrote {sel.output}: {sel.manifest.summary()}; {histogram}")
     return 0
 
 

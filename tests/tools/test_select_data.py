@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,20 @@ def test_plot_path_and_overwrite(scored, tmp_path, capsys) -> None:
     assert len(ShardDataset(out)) == N // 2
     assert main(["--data", str(scored), "--scores", "nope", "--keep", "0:0.5", "--output", str(tmp_path / "o2")]) == 2
     assert "no scores named 'nope'" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_selection_succeeds_or_is_refused_before_writing(
+    scored, tmp_path, monkeypatch, capsys
+) -> None:
+    """matplotlib is the optional extra `plot`: without it the default histogram is skipped (exit 0,
+    OUT complete), and an explicit --plot is refused before OUT is written."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "out"
+    args = ["--data", str(scored), "--scores", "ref", "--keep", "0.25:0.75"]
+    assert main([*args, "--output", str(out)]) == 0
+    assert "no histogram" in capsys.readouterr().out and len(ShardDataset(out)) == 50
+    assert not (out / "scores_histogram.png").exists()
+    other = tmp_path / "other"
+    assert main([*args, "--output", str(other), "--plot", str(tmp_path / "h.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib" in err and not other.exists()
