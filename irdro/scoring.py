@@ -10,7 +10,7 @@ for sample i with the same model, so l_i - r_i compares like with like.
 Work split. Chunk c holds sample ids [c*S, (c+1)*S) (S = chunk_size) and runs on rank c % world;
 each chunk is cut into micro-batches of consecutive ids, so the scores do not depend on the world
 size. A finished chunk is written atomically to DIR/scores/.NAME.partial/chunk_CCCCC.npz with the
-run's key (model weights, dtype, shards, chunk size): a rerun after a kill skips the chunks that
+run's key (model weights, dtype, shards, chunk size, packing): a rerun after a kill skips the chunks that
 carry its key, and a partial directory of another key is discarded. When every chunk is done rank 0
 assembles them, writes DIR/scores/NAME (irdro.scores.write_scores) and removes the partial dir.
 """
@@ -236,7 +236,7 @@ def score_dataset(
     pad_id = 0 if pad_id is None else int(pad_id)
 
     shards_sha = manifest_sha256(shard_dir)
-    key = hashlib.sha256(json.dumps([model_sha, dtype, shards_sha, chunk_size]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([model_sha, dtype, shards_sha, chunk_size, packing]).encode()).hexdigest()
     partial = partial_dir(shard_dir, name)
     dist.from_main(lambda: _prepare_partial(partial, key))
 

@@ -172,3 +172,12 @@ def test_two_ranks_zero3_equal_one_process(model_dir, shards) -> None:
     print(f"\n2 ranks (ZeRO-3) vs 1 process: max |nll diff| = {diff:.3e}")
     assert np.array_equal(one.tokens, two.tokens) and diff <= 1e-6
     assert two.meta.extra["zero3"] is True
+
+
+def test_a_partial_run_of_another_packing_is_discarded_not_mixed_in(model_dir, shards) -> None:
+    """The scores record one `packing`: a resume with the other must not reuse the chunks of the first."""
+    kw = dict(name="mixed", chunk_size=8, micro_batch_size=4, progress=False)
+    score_dataset(shards, model_dir, packing="none", stop_after_chunks=1, **kw)
+    resumed = score_dataset(shards, model_dir, packing="boundary", **kw)
+    assert (resumed.computed_chunks, resumed.reused_chunks) == (5, 0)
+    assert read_scores(shards, "mixed").meta.extra["packing"] == "boundary"
