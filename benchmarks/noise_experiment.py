@@ -605,7 +605,8 @@ def plot(table: list[dict]) -> None:
         a.plot([i - 0.3, i + 0.3], [statistics.mean(rel)] * 2, color="k", lw=1.5)
     a.axhline(1.0, color="grey", ls="--", lw=0.8, label=f"ERM (clean ppl {table[0]['ppl_mean']:.1f})")
     a.set_yscale("log")
-    ticks = [0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0]
+    top = max(max(t["ppl_vs_erm"]) for t in table)
+    ticks = [v for v in (0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0) if v <= max(1.1, top * 1.05)]
     a.set_yticks(ticks, [f"{v:g}" for v in ticks])
     a.minorticks_off()
     a.set_xticks(list(x), names, rotation=35, ha="right")
