@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk; every write is atomic, so nothing half-written is left
+        where = e.filename or args.data
+        print(f"error: {where}: {e.strerror or e}; make the shard directory writable or free space", file=sys.stderr)
+        return 2
     from irdro import dist
 
     if dist.is_main():

@@ -181,3 +181,16 @@ def test_a_partial_run_of_another_packing_is_discarded_not_mixed_in(model_dir, s
     resumed = score_dataset(shards, model_dir, packing="boundary", **kw)
     assert (resumed.computed_chunks, resumed.reused_chunks) == (5, 0)
     assert read_scores(shards, "mixed").meta.extra["packing"] == "boundary"
+
+
+def test_a_write_error_is_one_line(model_dir, shards, monkeypatch, capsys) -> None:
+    """A read-only or full disk (OSError while writing chunks or scores) is a one-line error, exit 2."""
+    import irdro_tools.score_data as tool
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(shards) / "scores"))
+
+    monkeypatch.setattr(tool, "score_dataset", refuse)
+    assert main(["--data", str(shards), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Permission denied" in err and "scores" in err and "writable" in err
