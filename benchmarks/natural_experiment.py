@@ -476,6 +476,7 @@ def report(args) -> None:
             d, se = paired(acc, erm["mmlu"][metric])
             t[metric] = {"mean": m, "se": math.sqrt(m * (1 - m) / len(acc)), "diff_vs_erm": d, "diff_se": se}
         t["weight_by_domain"] = r.get("weight_by_domain")
+        t["ess_mean"] = r.get("ess_mean")
         table.append(t)
     (RESULTS / "natural_experiment.json").write_text(
         json.dumps({"corpus": summary, "config": config_dict(), "table": table}, indent=2)
@@ -493,7 +494,7 @@ def report(args) -> None:
         "Held-out perplexity per domain; in brackets the per-document NLL difference to ERM "
         "(mean ± standard error over the documents; negative = better than ERM):",
         "",
-        "| arm | " + " | ".join(DOMAINS) + " | ppl / ERM (" + ", ".join(d[:5] for d in DOMAINS) + ") |",
+        "| arm | " + " | ".join(DOMAINS) + " | ppl / ERM (" + ", ".join(DOMAINS) + ") |",
         "|---|" + "---|" * (len(DOMAINS) + 1),
     ]
     for t in table:
@@ -505,8 +506,8 @@ def report(args) -> None:
         "Zero-shot MMLU (cloze); accuracy ± standard error, and the paired per-question difference to "
         "ERM ± its standard error:",
         "",
-        "| arm | acc | acc − ERM | acc_norm | acc_norm − ERM | weight share (" + ", ".join(DOMAINS) + ") |",
-        "|---|---|---|---|---|---|",
+        "| arm | acc | acc − ERM | acc_norm | acc_norm − ERM | weight share (" + ", ".join(DOMAINS) + ") | ESS |",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in table:
         a, n = t["acc"], t["acc_norm"]
@@ -514,7 +515,8 @@ def report(args) -> None:
         share = ", ".join(f"{w[d]:.3f}" for d in DOMAINS) if w else "—"
         lines.append(
             f"| {t['name']} | {a['mean']:.4f} ± {a['se']:.4f} | {a['diff_vs_erm']:+.4f} ± {a['diff_se']:.4f} | "
-            f"{n['mean']:.4f} ± {n['se']:.4f} | {n['diff_vs_erm']:+.4f} ± {n['diff_se']:.4f} | {share} |"
+            f"{n['mean']:.4f} ± {n['se']:.4f} | {n['diff_vs_erm']:+.4f} ± {n['diff_se']:.4f} | {share} | "
+            + (f"{t['ess_mean']:.3f} |" if t["ess_mean"] is not None else "— |")
         )
     walls = {t["name"]: t["wall_s"] for t in table if t["wall_s"]}
     lines += ["", "Training wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()) + "."]
