@@ -61,12 +61,31 @@ class ModelConfig:
     """Run model code shipped inside the model folder. Off unless you trust the folder."""
 
 
+# A mixture source's name: it becomes part of metric keys (`source/NAME/...`) and TensorBoard tags.
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One source of a mixture (`data.train: [{path, weight, name}, ...]`)."""
+
+    path: str = ""
+    """Shard directory written by tools/prepare_data.py."""
+    weight: float = 1.0
+    """Sampling weight (>= 0); the source's target share is weight / sum of the weights. Unused in
+    `data.eval`, where every source is evaluated on its first `eval.max_samples` samples."""
+    name: str = ""
+    """Its name in metrics.jsonl, TensorBoard and errors; default: the path's last component."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = ""
-    """Shard directory written by tools/prepare_data.py (holds manifest.json)."""
-    eval: str | None = None
-    """Held-out shard directory for `eval_loss`/`eval_ppl`; none disables evaluation."""
+    train: str | tuple[SourceConfig, ...] = ""
+    """Shard directory written by tools/prepare_data.py (holds manifest.json), or a mixture: a list
+    of `{path, weight, name}` sources blended by weight (README, "Mixtures")."""
+    eval: str | tuple[SourceConfig, ...] | None = None
+    """Held-out shard directory for `eval_loss`/`eval_ppl`, or a list of sources (per-source eval
+    perplexity as well); none disables evaluation."""
     shuffle: bool = True
     """Seeded global shuffle per epoch; off = manifest order."""
     packing: Literal["none", "boundary"] = "none"
@@ -77,11 +96,33 @@ class DataConfig:
     verify_checksums: bool = False
     """Recompute every shard's sha256 at start-up (slow on big corpora)."""
 
+    def sources(self, key: str = "train") -> tuple[SourceConfig, ...]:
+        """`data.train` (or `data.eval`) as sources with names filled in: a plain path is one source
+        of weight 1 named after its last component; () when unset."""
+        value = getattr(self, key)
+        if not value:
+            return ()
+        if isinstance(value, str):
+            value = (SourceConfig(path=value),)
+        return tuple(dataclasses.replace(s, name=s.name or Path(s.path.rstrip("/")).name or s.path) for s in value)
+
+    def labelled_sources(self, key: str = "train") -> list[tuple[str, SourceConfig]]:
+        """`sources(key)`, each with the label errors name it by: `data.train` for a plain path,
+        `data.train[1] (bible)` for a listed source."""
+        listed = self.is_mixture(key)
+        return [
+            (f"data.{key}[{i}] ({s.name})" if listed else f"data.{key}", s) for i, s in enumerate(self.sources(key))
+        ]
+
+    def is_mixture(self, key: str = "train") -> bool:
+        """Whether `data.<key>` is written as a list of sources (even of one)."""
+        return isinstance(getattr(self, key), tuple)
+
 
 @dataclass(frozen=True)
 class ReweightConfig:
     scheme: str = "erm"
-    """Registry name: erm | irdro | midrank | transform."""
+    """Registry name: erm | irdro | midrank | transform | group_dro."""
     window: Literal["micro", "step"] = "micro"
     """Samples one weight distribution spans: one micro-batch on every DP rank, or the whole
     optimizer step (exact; see `scoring_pass` for what it costs)."""
@@ -101,6 +142,12 @@ class ReweightConfig:
     """`transform` scheme: g applied to the window's losses rescaled to [-delta, delta]."""
     delta: float = 1.0
     """`transform` scheme: half-width of the rescaled loss range (> 0)."""
+    eta: float = 0.1
+    """`group_dro`: step size of the per-source update alpha_d <- alpha_d * exp(eta * L_d) (>= 0;
+    0 keeps alpha at the mixture's target shares: ERM)."""
+    smoothing: float = 0.01
+    """`group_dro`: after each update alpha <- (1 - smoothing) * alpha + smoothing * target shares, so
+    no source's weight falls below smoothing x its target share; in [0, 1]."""
     warmup_steps: int = 0
     """Uniform weights for the first N optimizer steps."""
     signal: Literal["loss", "excess"] = "loss"
@@ -127,10 +174,14 @@ class Scheme:
         params: the `reweight.*` fields passed to the weight function as keyword arguments.
         check_window: `(reweight, window size)` -> None, raising ConfigError when the scheme's
             parameters leave no sample to weight (or trim) in a window of that size; None = no check.
+        window_inputs: what the weight function needs of the window besides the losses, as keyword
+            arguments before `params` (`group_dro`: each sample's source, the group weights alpha
+            and the mixture's target shares, which irdro.normalize supplies).
     """
 
     params: tuple[str, ...] = ()
     check_window: Callable[[ReweightConfig, int], None] | None = None
+    window_inputs: tuple[str, ...] = ()
 
 
 def _check_midrank_window(w: ReweightConfig, n: int) -> None:
@@ -164,6 +215,7 @@ SCHEMES: dict[str, Scheme] = {
     "irdro": Scheme(("lam", "trim_top"), _check_irdro_window),
     "midrank": Scheme(("frac", "portion"), _check_midrank_window),
     "transform": Scheme(("lam", "transform", "delta")),
+    "group_dro": Scheme(("eta", "smoothing"), window_inputs=("sources", "alpha", "prior")),
 }
 
 
@@ -407,6 +459,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        listed = [a for a in inner if typing.get_origin(a) is tuple]
+        if isinstance(value, list | tuple) and listed:  # `str | tuple[X, ...]`: a list takes the tuple
+            return _coerce(value, listed[0], key)
         return _coerce(value, inner[0], key)
     if origin is Literal:
         if value not in args:
@@ -454,6 +509,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, dict):
             return value
         raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
@@ -492,7 +551,9 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         "model.tokenizer",
         "required with model.config",
     )
-    _check(bool(r.data.train), "data.train", "required (a shard dir from tools/prepare_data.py)")
+    _check(bool(r.data.train), "data.train", "required (a shard dir from tools/prepare_data.py, or a list of sources)")
+    for key in ("train", "eval"):
+        _check_sources(r.data, key)
     _check(r.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1")
 
     w = r.reweight
@@ -510,6 +571,13 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(w.portion >= 0, "reweight.portion", f"must be >= 0, got {w.portion}")
     _check(w.delta > 0, "reweight.delta", f"must be > 0, got {w.delta}")
     _check(w.warmup_steps >= 0, "reweight.warmup_steps", "must be >= 0")
+    _check(w.eta >= 0 and math.isfinite(w.eta), "reweight.eta", f"must be a finite number >= 0, got {w.eta}")
+    _check(0.0 <= w.smoothing <= 1.0, "reweight.smoothing", f"must be in [0, 1], got {w.smoothing}")
+    _check(
+        not (w.scheme == "group_dro" and w.normalize == "local"),
+        "reweight.normalize",
+        "group_dro weights sources over the whole window; use normalize: global",
+    )
     _check(
         bool(w.reference) and "/" not in w.reference and w.reference not in (".", ".."),
         "reweight.reference",
@@ -581,6 +649,42 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
         check_window = SCHEMES[w.scheme].check_window
         if check_window is not None:  # normalize local: each rank weights its own share of the window
             check_window(w, r.window_size(dp) // dp if w.normalize == "local" else r.window_size(dp))
+
+
+def _check_sources(data: DataConfig, key: str) -> None:
+    """A list-valued `data.<key>`: every source has a path, a finite weight >= 0 and a unique name
+    fit for metric keys; the training weights sum to a positive number."""
+    if not data.is_mixture(key):
+        return
+    sources = data.sources(key)
+    _check(bool(sources), f"data.{key}", "an empty list; give at least one {path, weight, name} source")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(sources):
+        where = f"data.{key}[{i}]"
+        _check(bool(s.path), f"{where}.path", "required (a shard dir from tools/prepare_data.py)")
+        _check(
+            math.isfinite(s.weight) and s.weight >= 0,
+            f"{where}.weight",
+            f"must be a finite number >= 0, got {s.weight} (source {s.name!r})",
+        )
+        _check(
+            bool(SOURCE_NAME.match(s.name)),
+            f"{where}.name",
+            f"{s.name!r} may hold only letters, digits, '_', '.' and '-' (it names metrics); set name",
+        )
+        _check(
+            s.name not in seen,
+            f"{where}.name",
+            f"source {s.name!r} is also data.{key}[{seen.get(s.name)}]; give each source its own name",
+        )
+        seen[s.name] = i
+    if key == "train":
+        total = sum(s.weight for s in sources)
+        _check(
+            total > 0,
+            "data.train",
+            f"the source weights sum to {total:g}; give at least one source (of {', '.join(seen)}) a weight > 0",
+        )
 
 
 # Attention implementations DeepSpeed Ulysses runs (it refuses eager: it drops 4D masks).

@@ -2,7 +2,8 @@
 
 Owns:
   * the seeded, index-based global sample order (:class:`GlobalOrder`,
-    :func:`sample_positions`) that makes resume exact;
+    :func:`sample_positions`) that makes resume exact, and its blend over a weighted mixture of
+    sources (:class:`BlendOrder` over a :class:`Mixture`: one index space over the sources);
   * batching of samples into padded tensors (:func:`collate`) or into packed rows that keep
     documents apart (:func:`collate_packed`), as the recipe asks (:func:`make_batch`);
   * a rank's micro-batches of an optimizer step (:class:`Batches`).
@@ -16,7 +17,10 @@ files other than through irdro.shards, or print.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections import OrderedDict
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,11 +73,14 @@ class GlobalOrder:
 
     _CACHE_SIZE = 2
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, stream: int = 0) -> None:
         """Args:
         num_samples: N, the dataset length (> 0).
         seed: non-negative seed shared by all ranks.
         shuffle: permute each epoch; if False position p reads index p % N.
+        stream: which of a mixture's sources this order is for: stream 0 keys its permutations
+            PCG64([seed, epoch]) (so a one-source mixture is today's dataset), stream d > 0
+            PCG64([seed, epoch, d]).
         """
         if num_samples <= 0:
             raise ValueError(f"GlobalOrder needs num_samples > 0, got {num_samples}")
@@ -82,6 +89,7 @@ class GlobalOrder:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.stream = int(stream)
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __getitem__(self, positions: np.ndarray) -> np.ndarray:
@@ -109,7 +117,8 @@ class GlobalOrder:
         """Return the (N,) int64 order of ``epoch`` (cached; treat as read-only)."""
         perm = self._perms.get(epoch)
         if perm is None:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            key = [self.seed, epoch] if self.stream == 0 else [self.seed, epoch, self.stream]
+            rng = np.random.Generator(np.random.PCG64(key))
             perm = rng.permutation(self.num_samples).astype(np.int64, copy=False)
             self._perms[epoch] = perm
             while len(self._perms) > self._CACHE_SIZE:
@@ -117,6 +126,202 @@ class GlobalOrder:
         else:
             self._perms.move_to_end(epoch)
         return perm
+
+
+class BlendOrder:
+    """Deterministic map from global stream position to (source, sample) over a weighted mixture.
+
+    Position p goes to a source by earliest-deadline-first over the sources' ideal pick times: the
+    k-th pick of source d (0-based) may come at position floor(k / w_d) at the earliest and must come
+    before ceil((k + 1) / w_d); among the sources whose next pick is due (released), the one whose
+    deadline is nearest (ties: the lower index) takes p. This is the exact form of Megatron's
+    "pick the source that lags its share most" (which can fall behind by more than one sample):
+    after any n positions every source d has floor(w_d n) or ceil(w_d n) picks, so its achieved share
+    is within 1/n of w_d in every prefix. The shares are exact rationals (the weights' decimal
+    forms), so no rounding can break the bound.
+
+    The k-th pick of source d reads `GlobalOrder(N_d, seed, shuffle, stream=d)[k]`: its own seeded
+    permutation per epoch k // N_d, so a small source repeats (epochs counted by `picks_before`).
+    Everything is a pure function of the position (resume needs only the step); the schedule is
+    computed once per block of `BLOCK` positions in order, keeping each block's starting counts.
+    """
+
+    BLOCK = 1 << 16
+    _CACHE_SIZE = 2
+
+    def __init__(self, weights: list[float], lengths: list[int], seed: int, shuffle: bool = True) -> None:
+        """Args:
+        weights: per source, >= 0, summing to a positive number (normalised here).
+        lengths: per source, N_d > 0 samples.
+        seed: non-negative seed shared by all ranks.
+        shuffle: permute each source per epoch; if False its k-th pick reads k % N_d.
+        """
+        if len(weights) != len(lengths) or not weights:
+            raise ValueError(f"need one weight per source, got {len(weights)} weights for {len(lengths)} sources")
+        exact = [Fraction(repr(float(w))) for w in weights]
+        if any(w < 0 for w in exact) or sum(exact) <= 0:
+            raise ValueError(f"mixture weights must be >= 0 and sum to a positive number, got {weights}")
+        scale = math.lcm(*(w.denominator for w in exact))
+        self._units = [int(w * scale) for w in exact]  # w_d = units_d / total, exactly
+        self._total = sum(self._units)
+        self.shares = np.array([u / self._total for u in self._units], dtype=np.float64)
+        self.lengths = [int(n) for n in lengths]
+        self.orders = [GlobalOrder(n, seed, shuffle, stream=d) for d, n in enumerate(self.lengths)]
+        self._starts: list[list[int]] = [[0] * len(weights)]  # picks per source before each block
+        self._blocks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.lengths)
+
+    def _schedule(self, start: int, counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(BLOCK,) sources and (BLOCK,) pick numbers of positions [start, start + BLOCK), from the
+        picks per source before `start`; `counts` is advanced to the end of the block."""
+        units, total = self._units, self._total
+        big = float("inf")
+        # release = floor(k * total / u), deadline = ceil((k + 1) * total / u) of each next pick k
+        release = [(c * total) // u if u else big for c, u in zip(counts, units, strict=True)]
+        deadline = [-((-(c + 1) * total) // u) if u else big for c, u in zip(counts, units, strict=True)]
+        sources = np.empty(self.BLOCK, dtype=np.int64)
+        picks = np.empty(self.BLOCK, dtype=np.int64)
+        span = range(len(units))
+        for j in range(self.BLOCK):
+            t = start + j
+            best, due = -1, big
+            for d in span:
+                if release[d] <= t and deadline[d] < due:
+                    best, due = d, deadline[d]
+            if best < 0:  # cannot happen: the shares sum to 1, so some pick is always released
+                raise RuntimeError(f"irdro bug: no source is due at position {t}")
+            c = counts[best]
+            sources[j], picks[j] = best, c
+            counts[best] = c = c + 1
+            release[best] = (c * total) // units[best]
+            deadline[best] = -((-(c + 1) * total) // units[best])
+        return sources, picks
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        hit = self._blocks.get(b)
+        if hit is not None:
+            self._blocks.move_to_end(b)
+            return hit
+        while len(self._starts) <= b:  # the schedule is sequential: extend the block starts in order
+            k = len(self._starts) - 1
+            counts = list(self._starts[k])
+            self._remember(k, self._schedule(k * self.BLOCK, counts))
+            self._starts.append(counts)
+        if b not in self._blocks:
+            self._remember(b, self._schedule(b * self.BLOCK, list(self._starts[b])))
+        return self._blocks[b]
+
+    def _remember(self, b: int, block: tuple[np.ndarray, np.ndarray]) -> None:
+        self._blocks[b] = block
+        while len(self._blocks) > self._CACHE_SIZE:
+            self._blocks.popitem(last=False)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sources and in-source sample indices of stream positions.
+
+        Args:
+            positions: (...) non-negative integer stream positions.
+
+        Returns:
+            (...) int64 source index d and (...) int64 sample index within source d.
+        """
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.size and int(pos.min()) < 0:
+            raise ValueError("BlendOrder positions must be non-negative")
+        sources, picks = np.empty_like(pos), np.empty_like(pos)
+        blocks, offsets = np.divmod(pos, self.BLOCK)
+        for b in np.unique(blocks).tolist():
+            sel = blocks == b
+            block_sources, block_picks = self._block(b)
+            sources[sel], picks[sel] = block_sources[offsets[sel]], block_picks[offsets[sel]]
+        index = np.empty_like(pos)
+        for d in np.unique(sources).tolist():
+            sel = sources == d
+            index[sel] = self.orders[d][picks[sel]]
+        return sources, index
+
+    def picks_before(self, position: int) -> np.ndarray:
+        """(D,) int64 picks of each source at positions [0, position): source d has read
+        `picks / N_d` epochs by then."""
+        if position < 0:
+            raise ValueError("BlendOrder positions must be non-negative")
+        b, offset = divmod(int(position), self.BLOCK)
+        block_sources, _ = self._block(b)
+        start = np.asarray(self._starts[b], dtype=np.int64)
+        return start + np.bincount(block_sources[:offset], minlength=self.num_sources)
+
+
+class Mixture:
+    """A dataset's sources as one index space: sample id `offsets[d] + i` is source d's sample i.
+
+    A plain `data.train` path is a mixture of one source, whose ids are the shard directory's own.
+
+    Attributes:
+        names: per source, its name (metrics, errors).
+        shares: per source, its target share (weights normalised).
+        datasets: per source, its ShardDataset.
+        offsets: (D + 1,) int64 first id of each source, then the total.
+        named: whether the recipe wrote the sources as a list (then dumps and metrics name them).
+    """
+
+    def __init__(
+        self, names: list[str], weights: list[float], datasets: list[ShardDataset], named: bool = True
+    ) -> None:
+        if not (len(names) == len(weights) == len(datasets) >= 1):
+            raise ValueError("a mixture needs one name, weight and dataset per source, and at least one source")
+        self.names, self.datasets, self.named = list(names), list(datasets), named
+        total = float(sum(weights))
+        self.weights = [float(w) for w in weights]
+        self.shares = np.array([w / total if total > 0 else 0.0 for w in weights], dtype=np.float64)
+        self.offsets = np.concatenate([[0], np.cumsum([len(d) for d in datasets], dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.datasets)
+
+    @property
+    def seq_len(self) -> int | None:
+        """The longest sources' manifest seq_len (packing capacity); None when one has none."""
+        lens = [d.manifest.seq_len for d in self.datasets]
+        return None if any(n is None for n in lens) else max(lens)
+
+    def source_of(self, ids: np.ndarray) -> np.ndarray:
+        """(...) int64 source index of sample ids."""
+        return np.searchsorted(self.offsets, np.asarray(ids, dtype=np.int64), side="right") - 1
+
+    def __getitem__(self, idx: int) -> Sample:
+        d = int(self.source_of(idx))
+        if not 0 <= idx < len(self):
+            raise IndexError(f"sample id {idx} out of range for a mixture of {len(self)} samples")
+        sample = self.datasets[d][int(idx - self.offsets[d])]
+        return dataclasses.replace(sample, sample_id=int(idx))
+
+    def describe(self, idx: int) -> dict:
+        """`ShardDataset.describe` of the sample, plus its `source` name for a named mixture."""
+        d = int(self.source_of(idx))
+        out: dict = self.datasets[d].describe(int(idx - self.offsets[d]))
+        if self.named:
+            out["source"] = self.names[d]
+        return out
+
+    def verify(self) -> None:
+        for d in self.datasets:
+            d.verify()
+
+    def order(self, seed: int, shuffle: bool = True) -> BlendOrder:
+        """The blended training order of these sources."""
+        return BlendOrder(self.weights, [len(d) for d in self.datasets], seed, shuffle)
+
+    def ids_at(self, order: BlendOrder, positions: np.ndarray) -> np.ndarray:
+        """(...) int64 sample ids that stream positions read."""
+        sources, index = order.locate(positions)
+        return self.offsets[sources] + index
 
 
 def collate(samples: list[Sample], pad_id: int, pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
@@ -265,13 +470,15 @@ def shard_sequence(batch: dict[str, torch.Tensor], sp_rank: int, sp_size: int) -
     }
 
 
-def make_batch(samples: list[Sample], data: ShardDataset, recipe: Recipe, pad_id: int, sp_rank: int = 0) -> dict:
+def make_batch(
+    samples: list[Sample], data: Mixture | ShardDataset, recipe: Recipe, pad_id: int, sp_rank: int = 0
+) -> dict:
     """Padded rows (`data.packing: none`) or packed rows of at most the shards' seq_len tokens; with
     `parallel.sequence_parallel` N > 1, padded to a multiple of N too and cut to SP rank `sp_rank`'s
     shard (`shard_sequence`; config.validate refuses packing with N > 1)."""
     multiple, sp = recipe.sequence_multiple, recipe.parallel.sequence_parallel
     if recipe.data.packing == "boundary":
-        seq_len = data.manifest.seq_len or max(len(s.input_ids) for s in samples)
+        seq_len = data.seq_len or max(len(s.input_ids) for s in samples)
         return collate_packed(samples, pad_id, int(seq_len), multiple)
     batch = collate(samples, pad_id, multiple)
     return shard_sequence(batch, sp_rank, sp) if sp > 1 else batch
@@ -285,10 +492,10 @@ class Batches:
     """
 
     def __init__(
-        self, data: ShardDataset, recipe: Recipe, pad_id: int, *, dp_rank: int, dp_size: int, sp_rank: int = 0
+        self, data: Mixture, recipe: Recipe, pad_id: int, *, dp_rank: int, dp_size: int, sp_rank: int = 0
     ) -> None:
         """Args:
-        data: the training shards.
+        data: the training sources (a plain path is a mixture of one).
         recipe: micro_batch_size, grad_accum_steps, seed, data.shuffle/packing, parallel.
         pad_id: token id of padding.
         dp_rank: this rank's data-parallel rank (irdro.dist.dp_rank()).
@@ -298,7 +505,7 @@ class Batches:
         """
         self.data, self.recipe, self.pad_id = data, recipe, pad_id
         self.dp_rank, self.dp_size, self.sp_rank = dp_rank, dp_size, sp_rank
-        self.order = GlobalOrder(len(data), recipe.seed, shuffle=recipe.data.shuffle)
+        self.order = data.order(recipe.seed, shuffle=recipe.data.shuffle)
 
     def step(self, step: int) -> list[dict[str, torch.Tensor]]:
         """The grad_accum_steps micro-batches of optimizer step ``step`` (0-based) on this rank."""
@@ -306,14 +513,16 @@ class Batches:
         out = []
         for micro in range(r.grad_accum_steps):
             pos = sample_positions(step, micro, self.dp_rank, self.dp_size, r.grad_accum_steps, r.micro_batch_size)
-            samples = [self.data[int(i)] for i in self.order[pos]]
+            samples = [self.data[int(i)] for i in self.data.ids_at(self.order, pos)]
             out.append(make_batch(samples, self.data, r, self.pad_id, self.sp_rank))
         return out
 
 
 __all__ = [
     "Batches",
+    "BlendOrder",
     "GlobalOrder",
+    "Mixture",
     "collate",
     "collate_packed",
     "make_batch",

@@ -45,11 +45,39 @@ from torch import Tensor
 
 from irdro import dist
 from irdro.config import ReweightConfig
-from irdro.reweight import compute_weights, scheme_params, softmax_numerators, softmax_temperature
+from irdro.reweight import (
+    compute_weights,
+    group_dro_alpha,
+    scheme_params,
+    softmax_numerators,
+    softmax_temperature,
+)
 
 Reference = Tensor | Callable[[Tensor], Tensor]
 """Reference losses r_i for `signal: excess`: a (num_samples,) float tensor indexed by sample id (on
 CPU or any device), or a function `(N,) int64 ids -> (N,) r`."""
+
+
+class Sources:
+    """The training mixture as the window sees it: each sample id's source, the target shares, and
+    the `group_dro` group weights alpha (the one piece of reweighting state carried across windows:
+    identical on every rank, saved in checkpoints).
+
+    Attributes:
+        offsets: (D + 1,) int64 first sample id of each source (irdro.data.Mixture.offsets), CPU.
+        prior: (D,) fp64 target shares, CPU.
+        alpha: (D,) fp64 group weights, starting at `prior`; `window_of` replaces it after each finite
+            `group_dro` window.
+    """
+
+    def __init__(self, offsets, shares) -> None:
+        self.offsets = torch.as_tensor(offsets, dtype=torch.int64, device="cpu")
+        self.prior = torch.as_tensor(shares, dtype=torch.float64, device="cpu")
+        self.alpha = self.prior.clone()
+
+    def of(self, ids: Tensor) -> Tensor:
+        """(...) int64 source index of sample ids, on `ids`' device."""
+        return (torch.searchsorted(self.offsets, ids.cpu(), right=True) - 1).to(ids.device)
 
 
 def reference_at(reference: Reference, ids: Tensor) -> Tensor:
@@ -92,6 +120,8 @@ class Window:
         ranks: (num_samples,) int64 DP rank each sample was trained on, in `ids` order.
         references: (num_samples,) fp32 reference losses r_i in `ids` order (signal `excess`), else None.
         mean_excess: plain mean of l_i - r_i over the window (signal `excess`), else None.
+        sources: (num_samples,) int64 source index of each sample in `ids` order (given `Sources`), else None.
+        alpha: (D,) fp64 `group_dro` group weights after this window, else None.
     """
 
     coeffs: Tensor
@@ -107,6 +137,8 @@ class Window:
     ranks: Tensor
     references: Tensor | None = None
     mean_excess: float | None = None
+    sources: Tensor | None = None
+    alpha: Tensor | None = None
 
 
 def backward_scale(window: str, dp: int, grad_accum_steps: int) -> int:
@@ -122,6 +154,7 @@ def reweight_window(
     step: int,
     scale: float,
     reference: Reference | None = None,
+    sources: Sources | None = None,
 ) -> Window:
     """Global weights for one window. Call on every rank (all-gathers over the DP group).
 
@@ -137,9 +170,11 @@ def reweight_window(
         step: 0-based optimizer step (for `warmup_steps`).
         scale: `backward_scale(...)`.
         reference: the reference losses for signal `excess` (module docstring); None: the losses.
+        sources: the training mixture (`Sources`): labels each sample with its source, and holds the
+            `group_dro` state; None: no source labels (and no `group_dro`).
     """
     m, b = local_losses.shape
-    return window_of(gather_rows(local_losses, local_valid, local_ids), m, b, cfg, step, scale, reference)
+    return window_of(gather_rows(local_losses, local_valid, local_ids), m, b, cfg, step, scale, reference, sources)
 
 
 def gather_rows(local_losses: Tensor, local_valid: Tensor, local_ids: Tensor) -> Tensor:
@@ -165,10 +200,13 @@ def window_of(
     step: int,
     scale: float,
     reference: Reference | None = None,
+    sources: Sources | None = None,
 ) -> Window:
     """The Window of gathered rows: `gather_rows` of (m, B) samples per rank (no collective).
     Weights are those of the signal (`signal_of`), over the whole window or, with
-    `cfg.normalize == "local"`, over each rank's rows divided by the number of ranks."""
+    `cfg.normalize == "local"`, over each rank's rows divided by the number of ranks. Scheme
+    `group_dro` weights by source (`irdro.reweight.group_dro`) and advances `sources.alpha` when the
+    window is finite."""
     device = gathered.device
     flat = gathered.reshape(-1, 3)
     valid = flat[:, 1] > 0.5
@@ -186,9 +224,17 @@ def window_of(
     finite = bool(torch.isfinite(losses).all())
     refs = None if reference is None else reference_at(reference, ids)
     signal = losses if refs is None else (losses.double() - refs).float()  # = signal_of(losses, ids, reference)
+    labels = None if sources is None else sources.of(ids)
+    alpha = None
     if finite:
         name, params = scheme_params(cfg, step)
-        if cfg.normalize == "local":
+        if name == "group_dro":
+            if sources is None:
+                raise ValueError("reweight scheme group_dro needs the window's sources (irdro.normalize.Sources)")
+            group = {"sources": labels, "alpha": sources.alpha, "prior": sources.prior}
+            weights = compute_weights(signal, name, **group, **params)
+            alpha = sources.alpha = group_dro_alpha(signal, labels, sources.alpha, sources.prior, **params)
+        elif cfg.normalize == "local":
             num_ranks = gathered.shape[0]
             weights = torch.zeros_like(losses)
             for r in range(num_ranks):
@@ -220,6 +266,8 @@ def window_of(
         ranks=ranks,
         references=None if refs is None else refs.float(),
         mean_excess=None if refs is None else float((losses.double() - refs).mean()),
+        sources=labels,
+        alpha=alpha,
     )
 
 
@@ -257,12 +305,19 @@ class DeferredWindow:
         normaliser: Z = sum_i u_i over the micro-batches so far (fp64; identical on every rank).
     """
 
-    def __init__(self, cfg: ReweightConfig, step: int, scale: float, reference: Reference | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ReweightConfig,
+        step: int,
+        scale: float,
+        reference: Reference | None = None,
+        sources: Sources | None = None,
+    ) -> None:
         temperature = softmax_temperature(cfg, step)
         if temperature is None or cfg.normalize != "global":
             raise ValueError(f"reweight {cfg.scheme!r} ({cfg.normalize}) at step {step} cannot defer its normaliser")
         self.cfg, self.step, self.scale, self.temperature = cfg, step, scale, temperature
-        self.reference = reference
+        self.reference, self.sources = reference, sources
         self.rows: list[Tensor] = []
         self.shift: float | None = None
         self.finite, self.overflow = True, False
@@ -309,5 +364,12 @@ class DeferredWindow:
         """The step's Window from the per-micro gathers, laid out as the scoring pass gathers it."""
         gathered = torch.cat(self.rows, dim=1)  # (dp, m*B, 3), row-major in (m, B)
         return window_of(
-            gathered, len(self.rows), self.rows[0].shape[1], self.cfg, self.step, self.scale, self.reference
+            gathered,
+            len(self.rows),
+            self.rows[0].shape[1],
+            self.cfg,
+            self.step,
+            self.scale,
+            self.reference,
+            self.sources,
         )

@@ -133,7 +133,7 @@ def check_local_paths(r: Recipe) -> None:
         require_local("model.path", m.path)
     if m.tokenizer is not None:
         require_local("model.tokenizer", m.tokenizer)
-    for key, value in (("data.train", r.data.train), ("data.eval", r.data.eval)):
-        if value:  # ShardDataset opens them as given (relative to the working directory)
-            require_local(key, value, resolve=False, tokenizer=tokenizer)
+    for split in ("train", "eval"):
+        for key, source in r.data.labelled_sources(split):  # opened as given (relative to the working directory)
+            require_local(key, source.path, resolve=False, tokenizer=tokenizer)
     require_local("ds_config", r.ds_config, kind="file")

@@ -138,6 +138,56 @@ def transform(losses: Tensor, lam: float = 1.0, transform: str = "linear", delta
     return w / w.sum()
 
 
+def group_dro_alpha(
+    losses: Tensor, sources: Tensor, alpha: Tensor, prior: Tensor, eta: float, smoothing: float
+) -> Tensor:
+    """The group weights after one window (exponentiated gradient, as in group DRO and DoReMi).
+
+    Each source present in the window moves by its mean loss, alpha_d * exp(eta * L_d), within the
+    mass the present sources held (a source absent from the window keeps its alpha: it is not
+    evidence that the source got easier); then alpha <- (1 - smoothing) * alpha + smoothing * prior.
+
+    Args:
+        losses: (N,) the window's signal (loss or excess loss), finite.
+        sources: (N,) int64 source index of each sample, in [0, D).
+        alpha: (D,) current group weights, summing to 1.
+        prior: (D,) the mixture's target shares, summing to 1.
+        eta: step size >= 0 (0: alpha only moves towards the prior by the smoothing).
+        smoothing: in [0, 1].
+
+    Returns:
+        (D,) fp64 group weights summing to 1.
+    """
+    a, q = alpha.double(), prior.to(alpha.device).double()
+    num = a.numel()
+    sources = sources.to(a.device)
+    counts = torch.bincount(sources, minlength=num).double()
+    sums = torch.zeros(num, dtype=torch.float64, device=a.device).index_add_(0, sources, losses.to(a.device).double())
+    present = (counts > 0) & (a > 0)
+    if bool(present.any()):
+        logits = torch.where(present, a.clamp(min=1e-300).log() + eta * sums / counts.clamp(min=1), -math.inf)
+        moved = torch.softmax(logits, dim=0) * a[present].sum()
+        a = torch.where(present, moved, a)
+    a = (1 - smoothing) * a + smoothing * q
+    return a / a.sum()
+
+
+@register("group_dro")
+def group_dro(
+    losses: Tensor, sources: Tensor, alpha: Tensor, prior: Tensor, eta: float = 0.1, smoothing: float = 0.01
+) -> Tensor:
+    """Domain-level DRO: each sample gets its source's group weight over its sampling share,
+    p_i proportional to alpha_d(i) / prior_d(i), with alpha = `group_dro_alpha(...)` after this window.
+
+    The window's weight on source d is then alpha_d (up to the window's sampling noise; exactly when
+    its counts n_d equal prior_d * N, where p_i = alpha_d / n_d), and alpha = prior (eta 0) is ERM.
+    """
+    a = group_dro_alpha(losses, sources, alpha, prior, eta, smoothing)
+    q = prior.to(a.device).double()
+    ratio = torch.where(q > 0, a / q.clamp(min=1e-300), 0.0)[sources.to(a.device)]
+    return (ratio / ratio.sum()).to(device=losses.device, dtype=torch.float32)
+
+
 def scheme_params(cfg: ReweightConfig, step: int) -> tuple[str, dict[str, float]]:
     """The scheme and its parameters in force at optimizer step `step` (0-based), warm-up applied."""
     if step < cfg.warmup_steps:

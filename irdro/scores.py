@@ -164,6 +164,24 @@ def read_reference(shard_dir: str | Path, name: str = DEFAULT_NAME, *, key: str 
     return scores
 
 
+def read_reference_table(dirs: list[tuple[str, str | Path]], name: str = DEFAULT_NAME) -> np.ndarray:
+    """The reference losses of a mixture by sample id: each source's `read_reference`, concatenated
+    in source order (irdro.data.Mixture's ids).
+
+    Args:
+        dirs: per source, the label messages name it by (`data.train[1] (bible)`) and its shard directory.
+        name: the scores' name (`reweight.reference`).
+
+    Raises:
+        ScoresError: as `read_reference`, naming the source.
+    """
+    tables = []
+    for label, shard_dir in dirs:
+        key = "reweight.reference" if label == "data.train" else f"reweight.reference of {label}"
+        tables.append(read_reference(shard_dir, name, key=key).nll)
+    return np.concatenate(tables)
+
+
 def write_scores(
     shard_dir: str | Path, meta: ScoresMeta, nll: np.ndarray, tokens: np.ndarray, *, overwrite: bool = True
 ) -> Path:
@@ -187,6 +205,7 @@ __all__ = [
     "available",
     "manifest_sha256",
     "read_reference",
+    "read_reference_table",
     "read_scores",
     "scores_dir",
     "write_scores",

@@ -454,6 +454,11 @@ class ShardDataset:
         return int(self._offsets[-1])
 
     @property
+    def seq_len(self) -> int | None:
+        """The manifest's ``seq_len`` (the packing capacity); None when it has none."""
+        return self.manifest.seq_len
+
+    @property
     def tokenizer_name(self) -> str | None:
         """Name of the tokenizer the shards were made with (manifest ``tokenizer.name``)."""
         return self.manifest.tokenizer.name

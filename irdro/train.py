@@ -39,7 +39,7 @@ from irdro.config import (
     resolve_path,
     validate,
 )
-from irdro.data import Batches, make_batch
+from irdro.data import Batches, Mixture, make_batch
 from irdro.engine import exit_rank, gradients_divided_by, init_distributed, initialize, shutdown_distributed
 from irdro.faults import EXIT_RANK_FAILURE, EXIT_REQUEUE, Preempted, RankFailure, StopSignals
 from irdro.fsio import atomic_write_text, staged_dir
@@ -53,10 +53,18 @@ from irdro.model import (
     per_sample_nll,
     sharded_sample_nll,
 )
-from irdro.normalize import DeferredWindow, Reference, Window, backward_scale, defers_normaliser, reweight_window
+from irdro.normalize import (
+    DeferredWindow,
+    Reference,
+    Sources,
+    Window,
+    backward_scale,
+    defers_normaliser,
+    reweight_window,
+)
 from irdro.paths import check_local_paths
 from irdro.rundir import RunDir
-from irdro.scores import read_reference
+from irdro.scores import read_reference_table
 from irdro.shards import DataError, ShardDataset, ShardMismatch, check_compatible
 
 log = logging.getLogger("irdro.train")
@@ -124,6 +132,34 @@ class StepStats:
             mean_excess=None if windows[0].mean_excess is None else float(np.mean([w.mean_excess for w in windows])),
         )
 
+    def source_metrics(self, names: list[str], alpha: Tensor | None = None) -> dict[str, float | None]:
+        """Per source NAME of the mixture: `source/NAME/loss` (plain mean of its samples' losses in
+        the step; None when it had none), `weight_share` (sum of its p_i, averaged over the windows,
+        as weighted_loss is) and `sample_share` (its samples over the step's); `alpha`, the
+        `group_dro` weights after the step, when given. Needs windows labelled with sources."""
+        out: dict[str, float | None] = {}
+        num = len(names)
+        sources = torch.cat([w.sources.cpu() for w in self.windows])
+        losses = torch.cat([w.losses.cpu() for w in self.windows]).double()
+        counts = torch.bincount(sources, minlength=num).double()
+        loss_sums = torch.zeros(num, dtype=torch.float64, device="cpu").index_add_(0, sources, losses)
+        shares = torch.stack(
+            [
+                torch.zeros(num, dtype=torch.float64, device="cpu").index_add_(
+                    0, w.sources.cpu(), w.weights.cpu().double()
+                )
+                for w in self.windows
+            ]
+        ).mean(0)
+        for d, name in enumerate(names):
+            n = float(counts[d])
+            out[f"source/{name}/loss"] = float(loss_sums[d] / n) if n else None
+            out[f"source/{name}/weight_share"] = float(shares[d])
+            out[f"source/{name}/sample_share"] = n / float(counts.sum())
+            if alpha is not None:
+                out[f"source/{name}/alpha"] = float(alpha[d])
+        return out
+
     def metrics(self) -> dict[str, float | int]:
         """The step's own metrics.jsonl fields (`mean_excess` with signal `excess` only)."""
         return {
@@ -176,11 +212,13 @@ def train_step(
     step: int,
     loss_hook: LossHook | None = None,
     reference: Reference | None = None,
+    sources: Sources | None = None,
 ) -> StepStats:
     """One optimizer step: weights per window, `DP (x GA) * sum p_i l_i` backward, engine.step().
     Window `step` defers the normaliser where the scheme allows (`irdro.normalize.defers_normaliser`)
     and otherwise, or after an overflow of the deferred exponents, scores the step first.
-    `reference`: the reference losses of signal `excess` (`reference_losses`), else None."""
+    `reference`: the reference losses of signal `excess` (`reference_losses`), else None.
+    `sources`: the training mixture (labels each window's samples; `group_dro`'s state), else None."""
     if not engine.module.training:  # dropout and gradient checkpointing depend on it
         raise RuntimeError("irdro bug: train_step called with the model in eval mode")
     device = engine.device
@@ -192,21 +230,27 @@ def train_step(
     batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
     if defers_normaliser(recipe.reweight, step):
         rng = rng_state_of(device)
-        stats = deferred_step(engine, batches, recipe, step, losses_of, reference)
+        stats = deferred_step(engine, batches, recipe, step, losses_of, reference, sources)
         if stats is not None:
             return stats
         set_rng_state_of(device, rng)  # the scored retry replays the discarded attempt's dropout masks
-    return scored_step(engine, batches, recipe, step, losses_of, reference)
+    return scored_step(engine, batches, recipe, step, losses_of, reference, sources)
 
 
 def deferred_step(
-    engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: int, losses_of, reference: Reference | None
+    engine,
+    batches: list[dict[str, Tensor]],
+    recipe: Recipe,
+    step: int,
+    losses_of,
+    reference: Reference | None,
+    sources: Sources | None = None,
 ) -> StepStats | None:
     """The `step` window without a scoring pass (`irdro.normalize.DeferredWindow`). Returns None
     when a micro-batch overflowed: its NaN backward made DeepSpeed discard the step's gradient (on
     every rank: the overflow is decided on gathered losses), and the caller scores the step."""
     scale = backward_scale("step", dist.dp_size(), recipe.grad_accum_steps)
-    win = DeferredWindow(recipe.reweight, step, scale, reference)
+    win = DeferredWindow(recipe.reweight, step, scale, reference, sources)
     tokens = 0
     for m, batch in enumerate(batches):
         losses, counts = losses_of(m, batch)
@@ -222,7 +266,13 @@ def deferred_step(
 
 
 def scored_step(
-    engine, batches: list[dict[str, Tensor]], recipe: Recipe, step: int, losses_of, reference: Reference | None
+    engine,
+    batches: list[dict[str, Tensor]],
+    recipe: Recipe,
+    step: int,
+    losses_of,
+    reference: Reference | None,
+    sources: Sources | None = None,
 ) -> StepStats:
     """Window `micro`, or `step` with a no-grad scoring pass over the step's micro-batches before
     the first backward (the grad forward replays each one's RNG state: same dropout masks)."""
@@ -245,6 +295,7 @@ def scored_step(
                 step,
                 scale,
                 reference,
+                sources,
             )
         )
     tokens = 0
@@ -255,7 +306,9 @@ def scored_step(
         if cfg.window == "micro":
             valid = counts.gt(0)
             windows.append(
-                reweight_window(losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale, reference)
+                reweight_window(
+                    losses[None], valid[None], batch["sample_ids"][None], cfg, step, scale, reference, sources
+                )
             )
         win = windows[-1]
         coeffs = win.coeffs[0 if cfg.window == "micro" else m]
@@ -271,27 +324,40 @@ def scored_step(
 
 
 @torch.no_grad()
-def evaluate(engine, data: ShardDataset, recipe: Recipe, pad_id: int) -> dict:
-    """Token-weighted held-out NLL over the first `eval.max_samples` samples: the same set whatever
-    the number of ranks. Every rank runs the same number of forwards (short ranks repeat a sample
-    with zero weight). Leaves the model in train mode."""
+def evaluate(engine, data: Mixture, recipe: Recipe, pad_id: int) -> dict:
+    """Token-weighted held-out NLL over the first `eval.max_samples` samples of each source: the same
+    set whatever the number of ranks. `eval_loss`/`eval_ppl` pool every source's tokens; a named
+    mixture (`data.eval` written as a list) adds `eval_source/NAME/loss` and `.../ppl`. Every rank
+    runs the same number of forwards (short ranks repeat a sample with zero weight). Leaves the
+    model in train mode."""
     bsz = recipe.eval.micro_batch_size or recipe.micro_batch_size
     dp, rank, device = dist.dp_size(), dist.dp_rank(), engine.device
-    n = min(len(data), recipe.eval.max_samples)
-    num_batches = math.ceil(n / (bsz * dp))
     engine.eval()
-    nll = torch.zeros(2, dtype=torch.float64, device=device)  # [sum NLL, tokens]
-    for j in range(num_batches):
-        idx = [j * bsz * dp + rank * bsz + i for i in range(bsz)]
-        keep = torch.tensor([i < n for i in idx], dtype=torch.float64, device=device)
-        batch = make_batch([data[min(i, n - 1)] for i in idx], data, recipe, pad_id, dist.sp_rank())
-        losses, counts = forward_losses(engine, {k: v.to(device) for k, v in batch.items()})
-        weight = counts.to(torch.float64) * keep
-        nll += torch.stack([(losses.double() * weight).sum(), weight.sum()])
+    nll = torch.zeros(data.num_sources, 2, dtype=torch.float64, device=device)  # [sum NLL, tokens] per source
+    for d, first in enumerate(data.offsets[:-1].tolist()):
+        n = min(len(data.datasets[d]), recipe.eval.max_samples)
+        for j in range(math.ceil(n / (bsz * dp))):
+            idx = [j * bsz * dp + rank * bsz + i for i in range(bsz)]
+            keep = torch.tensor([i < n for i in idx], dtype=torch.float64, device=device)
+            batch = make_batch([data[first + min(i, n - 1)] for i in idx], data, recipe, pad_id, dist.sp_rank())
+            losses, counts = forward_losses(engine, {k: v.to(device) for k, v in batch.items()})
+            weight = counts.to(torch.float64) * keep
+            nll[d] += torch.stack([(losses.double() * weight).sum(), weight.sum()])
     engine.train()
     total = dist.all_reduce_sum(nll)
-    loss = float(total[0] / total[1].clamp(min=1))
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    out = perplexity("eval", total.sum(0))
+    if data.named:
+        for d, name in enumerate(data.names):
+            out.update(perplexity(f"eval_source/{name}/", total[d]))
+    return out
+
+
+def perplexity(prefix: str, nll_tokens: Tensor) -> dict[str, float]:
+    """`{prefix}loss` (token-weighted mean NLL) and `{prefix}ppl` from a [sum NLL, tokens] pair
+    (`eval` gets `eval_loss`, `eval_ppl`)."""
+    loss = float(nll_tokens[0] / nll_tokens[1].clamp(min=1))
+    sep = "" if prefix.endswith("/") else "_"
+    return {f"{prefix}{sep}loss": loss, f"{prefix}{sep}ppl": math.exp(min(loss, 50.0))}
 
 
 def check_shards(tokenizer, shards: dict[str, ShardDataset | None], model_vocab: int | None = None) -> None:
@@ -347,24 +413,49 @@ def write_run_files(recipe: Recipe, ds_config: dict, model, tokenizer) -> None:
 @dataclass
 class Setup:
     engine: object
-    train_data: ShardDataset
-    eval_data: ShardDataset | None
+    train_data: Mixture
+    eval_data: Mixture | None
     pad_id: int
     start_step: int
     reference: Tensor | None = None
+    sources: Sources | None = None
+
+
+def open_data(recipe: Recipe, split: str) -> Mixture | None:
+    """`data.train` or `data.eval` as a Mixture (a plain path: one source), or None when unset.
+
+    Raises:
+        irdro.shards.DataError: a source's shards cannot be opened (or verified); names the source.
+    """
+    labelled = recipe.data.labelled_sources(split)
+    if not labelled:
+        return None
+    datasets = []
+    for label, source in labelled:
+        try:
+            data = ShardDataset(source.path)
+            if recipe.data.verify_checksums:
+                data.verify()
+        except DataError as e:
+            raise DataError(f"{label}: {e}" if label != "data.train" else str(e)) from None
+        datasets.append(data)
+    names, weights = [s.name for _, s in labelled], [s.weight for _, s in labelled]
+    return Mixture(names, weights, datasets, named=recipe.data.is_mixture(split))
 
 
 def reference_losses(recipe: Recipe) -> Tensor | None:
     """(num_samples,) fp64 CPU reference losses r_i by sample id for `reweight.signal: excess`
-    (the `reweight.reference` scores of data.train, one per sample of its manifest), else None.
+    (the `reweight.reference` scores of each data.train source, concatenated in the mixture's id
+    order), else None.
 
     Raises:
         irdro.scores.ScoresError: the scores are missing, stale (other shards) or of another length;
-            the message names the shard directory and the command that makes them.
+            the message names the source's shard directory and the command that makes them.
     """
     if recipe.reweight.signal != "excess":
         return None
-    return torch.from_numpy(read_reference(recipe.data.train, recipe.reweight.reference).nll)
+    dirs = [(label, s.path) for label, s in recipe.data.labelled_sources("train")]
+    return torch.from_numpy(read_reference_table(dirs, recipe.reweight.reference))
 
 
 def setup(recipe: Recipe) -> Setup:
@@ -373,11 +464,9 @@ def setup(recipe: Recipe) -> Setup:
     dp = dist.dp_size()
     tokenizer = load_tokenizer(recipe.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_data = ShardDataset(recipe.data.train)
-    eval_data = ShardDataset(recipe.data.eval) if recipe.data.eval else None
-    for d in (train_data, eval_data):
-        if d is not None and recipe.data.verify_checksums:
-            d.verify()
+    train_data = open_data(recipe, "train")
+    eval_data = open_data(recipe, "eval")
+    sources = Sources(train_data.offsets, train_data.shares)
     reference = reference_losses(recipe)  # before the model: a missing file fails in seconds
     ds_config = resolve_ds_config(recipe, dist.world_size())
     point = dist.from_main(lambda: find_resume(recipe.output_dir, recipe.resume))
@@ -388,7 +477,12 @@ def setup(recipe: Recipe) -> Setup:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
         warn_layout_change(recipe, point.world_size, dp)
     model = load_model(recipe.model, ds_config)
-    shards = {"data.train": train_data, "data.eval": eval_data}
+    shards = {
+        label: data.datasets[d]
+        for split, data in (("train", train_data), ("eval", eval_data))
+        if data is not None
+        for d, (label, _) in enumerate(recipe.data.labelled_sources(split))
+    }
     check_shards(tokenizer, shards, model.config.vocab_size)
     check_parallel_shapes(recipe, model.config.to_dict(), "the model's config")
     mpu = enable_sequence_parallel(model, recipe.parallel.sequence_parallel, recipe.micro_batch_size)
@@ -396,10 +490,26 @@ def setup(recipe: Recipe) -> Setup:
     write_run_files(recipe, ds_config, model, tokenizer)
     start = 0
     if point is not None:
-        start = load_checkpoint(engine, point, elastic, recipe.global_batch(dp))["step"]
+        state = load_checkpoint(engine, point, elastic, recipe.global_batch(dp))
+        start = state["step"]
+        restore_sources(sources, state, point.tag_dir)
         truncate_metrics(recipe.output_dir, start)
         log.info("resumed from %s at step %d%s", point.tag_dir, start, " (elastic)" if elastic else "")
-    return Setup(engine, train_data, eval_data, pad_id, start, reference)
+    return Setup(engine, train_data, eval_data, pad_id, start, reference, sources)
+
+
+def restore_sources(sources: Sources, state: dict, where: object) -> None:
+    """Put the checkpoint's `group_dro` weights back (a checkpoint of an older irdro has none:
+    alpha restarts at the target shares); refuse a checkpoint of another number of sources."""
+    alpha = state.get("group_alpha")
+    if alpha is None:
+        return
+    if len(alpha) != sources.prior.numel():
+        raise ConfigError(
+            f"data.train: {where} was written by a run of {len(alpha)} sources, this recipe has "
+            f"{sources.prior.numel()}; resume with the same sources, or set resume: never (or a new output_dir)"
+        )
+    sources.alpha = torch.tensor(alpha, dtype=torch.float64, device="cpu")
 
 
 @dataclass(frozen=True)
@@ -483,6 +593,7 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
         config=recipe.to_dict(),
     )
     result = TrainResult(engine=engine, steps=s.start_step)
+    epochs = SourceEpochs(s.train_data, batches, recipe.global_batch(dist.dp_size()), s.start_step)
     engine.train()  # from_pretrained returns eval mode: dropout and gradient checkpointing need train
     if s.eval_data is not None and s.start_step == 0:
         logger.log({"step": 0, **evaluate(engine, s.eval_data, recipe, s.pad_id)})
@@ -497,9 +608,13 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
                 if hooks.before_step is not None:
                     hooks.before_step(step, engine)
                 t0, lr = time.perf_counter(), engine.get_lr()[0]  # the LR this step uses
-                stats = train_step(engine, batches.step(step), recipe, step, hooks.losses, s.reference)
+                stats = train_step(engine, batches.step(step), recipe, step, hooks.losses, s.reference, s.sources)
                 done = step + 1
                 record = step_record(engine, stats, done, lr, t0)
+                if s.train_data.named:
+                    alpha = s.sources.alpha if recipe.reweight.scheme == "group_dro" else None
+                    record.update(stats.source_metrics(s.train_data.names, alpha))
+                    record.update(epochs.after(done))
                 if s.eval_data is not None and (done == recipe.max_steps or every(done, recipe.eval.every)):
                     record.update(evaluate(engine, s.eval_data, recipe, s.pad_id))
                 if every(done, recipe.log.every) or done == recipe.max_steps or "eval_loss" in record:
@@ -520,16 +635,16 @@ def train(recipe: Recipe, hooks: Hooks | None = None) -> TrainResult:
                     )
                 saved = every(done, recipe.checkpoint.every) and done < recipe.max_steps
                 if saved:
-                    save_step(engine, recipe, done)
+                    save_step(engine, recipe, done, s.sources)
                 if dist.any_rank(stop.received is not None) and done < recipe.max_steps:  # one rank's signal stops all
                     if not saved:
-                        save_step(engine, recipe, done)
+                        save_step(engine, recipe, done, s.sources)
                     raise Preempted(
                         f"stop signal ({stop.received or 'on another rank'}): stopped after step {done} with "
                         f"checkpoint {tag_for(done)} saved; run the same command again to resume"
                     )
             if recipe.checkpoint.at_end and result.steps > s.start_step:
-                save_step(engine, recipe, result.steps)
+                save_step(engine, recipe, result.steps, s.sources)
         except RuntimeError as e:
             if not dist.is_collective_failure(e):
                 raise
@@ -558,10 +673,29 @@ def step_record(engine, stats: StepStats, step: int, lr: float, t0: float) -> di
     }
 
 
-def save_step(engine, recipe: Recipe, step: int) -> None:
+def save_step(engine, recipe: Recipe, step: int, sources: Sources | None = None) -> None:
     """Checkpoint the engine after `step` optimizer steps, with the resume state. Call on every rank."""
-    dp = dist.dp_size()
-    save_checkpoint(engine, recipe.output_dir, step, client_state(recipe, step, dp), recipe.checkpoint.keep_last)
+    state = client_state(recipe, step, dist.dp_size(), sources)
+    save_checkpoint(engine, recipe.output_dir, step, state, recipe.checkpoint.keep_last)
+
+
+class SourceEpochs:
+    """`source/NAME/epoch` of each logged step (epochs of each source read by the end of the step,
+    from the blended order), and a log line when a source starts another pass over its samples."""
+
+    def __init__(self, data: Mixture, batches: Batches, global_batch: int, start_step: int) -> None:
+        self.data, self.order, self.global_batch = data, batches.order, global_batch
+        self.lengths = np.array([len(d) for d in data.datasets], dtype=np.float64)
+        self.passes = self.order.picks_before(start_step * global_batch) // self.lengths.astype(np.int64)
+
+    def after(self, step: int) -> dict[str, float]:
+        epochs = self.order.picks_before(step * self.global_batch) / self.lengths
+        passes = np.floor(epochs).astype(np.int64)
+        for d in np.flatnonzero(passes > self.passes).tolist():
+            name, n = self.data.names[d], int(self.lengths[d])
+            log.info("source %s: epoch %d of its %d samples done by step %d", name, passes[d], n, step)
+        self.passes = np.maximum(self.passes, passes)
+        return {f"source/{name}/epoch": float(e) for name, e in zip(self.data.names, epochs, strict=True)}
 
 
 def every(step: int, interval: int) -> bool:
@@ -582,9 +716,11 @@ def truncate_metrics(output_dir: str, step: int) -> None:
     atomic_write_text(run.metrics, "".join(line + "\n" for line in keep))
 
 
-def client_state(recipe: Recipe, step: int, dp: int) -> dict:
-    """Resume state stored in every checkpoint next to DeepSpeed's own."""
+def client_state(recipe: Recipe, step: int, dp: int, sources: Sources | None = None) -> dict:
+    """Resume state stored in every checkpoint next to DeepSpeed's own (with the mixture's `group_dro`
+    weights alpha, identical on every rank, as exact floats)."""
     return {
+        **({} if sources is None else {"group_alpha": sources.alpha.tolist()}),
         "step": step,
         "consumed_samples": step * recipe.global_batch(dp),
         "world_size": dp,

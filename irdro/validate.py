@@ -21,7 +21,7 @@ from irdro.config import (
     resolve_path,
 )
 from irdro.paths import check_local_paths
-from irdro.scores import read_reference
+from irdro.scores import read_reference_table
 from irdro.shards import DataError, Manifest
 
 
@@ -61,11 +61,33 @@ def check_sequence_parallel(recipe: Recipe, paths: bool) -> str | None:
     multiple = recipe.sequence_multiple
     line = f"# sequence parallel {sp} ({heads}): rows padded to a multiple of {multiple}, T/{sp} tokens per rank"
     if paths:
-        seq_len = Manifest.read(resolve_path(recipe.data.train)).seq_len
+        lens = [Manifest.read(resolve_path(src.path)).seq_len for src in recipe.data.sources("train")]
+        seq_len = None if None in lens else max(lens)
         if seq_len:
             padded = -(-seq_len // multiple) * multiple
             line += f"; data.train seq_len {seq_len}: at most {padded} -> {padded // sp} per rank"
     return line
+
+
+def describe_sources(recipe: Recipe, dp: int) -> list[str]:
+    """For a list-valued `data.train`, one line per source from its manifest: target share, samples,
+    tokens, and the epochs `max_steps` optimizer steps read of it (share x max_steps x global batch /
+    samples: the blended order keeps every prefix within one sample of that)."""
+    if not recipe.data.is_mixture("train"):
+        return []
+    sources = recipe.data.sources("train")
+    total = sum(s.weight for s in sources)
+    reads = recipe.max_steps * recipe.global_batch(dp)
+    lines = [f"# data.train: {len(sources)} sources blended over {reads} samples ({recipe.max_steps} steps)"]
+    width = max(len(s.name) for s in sources)
+    for s in sources:
+        m = Manifest.read(resolve_path(s.path))
+        share = s.weight / total
+        lines.append(
+            f"#   {s.name:<{width}}  share {share:6.2%}  samples {m.num_samples:>10,}  tokens {m.num_tokens:>13,}"
+            f"  epochs {share * reads / m.num_samples:8.3f}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_path_checks:
             check_local_paths(recipe)
             if recipe.reweight.signal == "excess":  # what irdro.train's setup reads on every rank
-                read_reference(recipe.data.train, recipe.reweight.reference)
+                read_reference_table(
+                    [(k, src.path) for k, src in recipe.data.labelled_sources("train")], recipe.reweight.reference
+                )
         ds = resolve_ds_config(recipe, args.world_size)
         sp_line = check_sequence_parallel(recipe, paths=not args.no_path_checks)
+        dp = recipe.data_parallel_size(args.world_size)
+        source_lines = [] if args.no_path_checks else describe_sources(recipe, dp)
     except (ConfigError, DataError) as e:
         print(f"error: {args.recipe}: {e}", file=sys.stderr)
         return 2
-    dp = recipe.data_parallel_size(args.world_size)
     p = recipe.parallel
     print(
         f"# resolved recipe ({args.recipe}, world size {args.world_size} = data-parallel {dp} x "
@@ -90,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if sp_line:
         print(sp_line)
+    for line in source_lines:
+        print(line)
     print(dump_yaml(recipe), end="")
     print("# DeepSpeed JSON")
     print(json.dumps(ds, indent=2))

@@ -201,8 +201,10 @@ def test_evaluate_makes_no_tensor_on_the_default_device() -> None:
             ids = np.arange(i, i + 6, dtype=np.int64) % 11
             return Sample(sample_id=i, input_ids=ids, labels=ids.copy(), doc_id=i, chunk_id=0)
 
+    from irdro.data import Mixture
+
     engine = FakeEngine(TinyLM()).train()
-    data = Data()
+    data = Mixture(["d"], [1.0], [Data()], named=False)
     with meta_default_device():
         out = evaluate(engine, data, _recipe("micro"), pad_id=0)
     assert math.isfinite(out["eval_loss"]) and engine.training

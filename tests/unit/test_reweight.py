@@ -29,7 +29,7 @@ def test_each_scheme_is_one_function_and_one_table_entry():
     fields, so scheme_params and observe need nothing per scheme."""
     for name, entry in config.SCHEMES.items():
         fn = reweight._REGISTRY[name]
-        assert tuple(inspect.signature(fn).parameters)[1:] == entry.params, name
+        assert tuple(inspect.signature(fn).parameters)[1:] == entry.window_inputs + entry.params, name
         cfg = ReweightConfig(scheme=name)
         assert reweight.scheme_params(cfg, 0) == (name, {k: getattr(cfg, k) for k in entry.params})
     with pytest.raises(ValueError, match="no irdro.config.SCHEMES entry"):
