@@ -3,9 +3,9 @@
 Owns: reading a run directory's `samples/step_<N>.jsonl` dumps (written by
 `RankZeroLogger.samples` when `log.samples_every > 0`) and `metrics.jsonl`, picking the samples
 worth reading (hardest, most weighted, discarded), turning their ids back into text through the
-run's recipe and tokenizer, and drawing the figures (Agg, no pyplot state) that
-`tools/plot_weights.py` writes. Must not: train, import deepspeed or torch.distributed, or print
-(it returns strings; the tool prints them).
+run's recipe and tokenizer, summarising a mixture's per-source shares (`source/NAME/*` metrics),
+and drawing the figures (Agg, no pyplot state) that `tools/plot_weights.py` writes. Must not:
+train, import deepspeed or torch.distributed, or print (it returns strings; the tool prints them).
 
 Losses drift down over training, so the samples are ranked by their *excess loss* (loss minus the
 mean loss of their window) and their *relative weight* (weight x window size, 1 = uniform): the
@@ -734,7 +734,7 @@ def make_figures(
     Files (suffixed `_step_<N>` when `step` is given): `weight_vs_loss.png`, `loss_by_weight.png`,
     `ess_max_weight.png` (ESS and max weight over + losses under; only with metrics),
     `sources.png` (`make_source_figure`; only for a mixture's metrics) and `overview.png` with the
-    first four panels, headed by `title` (e.g. `describe_reweighting`).
+    four panels of the first three, headed by `title` (e.g. `describe_reweighting`).
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ Write PNGs that show what hard-sample reweighting does to a run's data, from the
   ess_max_weight.png   effective sample size and max weight over steps; loss and weighted loss
   sources.png          mixtures only (data.train a list of sources): each source's weight share
                        (solid), sample share (dashed) and group_dro alpha (dotted) over steps
-  overview.png         the first four panels in one figure
+  overview.png         the four panels of the first three files in one figure
 
 The printed summary of a mixture run ends with a table per source: mean sample share, mean weight
 share, their ratio (> 1: the weights favour the source), last epoch and last alpha. A mixture run
