@@ -3,9 +3,9 @@
 Owns: reading a run directory's `samples/step_<N>.jsonl` dumps (written by
 `RankZeroLogger.samples` when `log.samples_every > 0`) and `metrics.jsonl`, picking the samples
 worth reading (hardest, most weighted, discarded), turning their ids back into text through the
-run's recipe and tokenizer, and drawing the figures (Agg, no pyplot state) that
-`tools/plot_weights.py` writes. Must not: train, import deepspeed or torch.distributed, or print
-(it returns strings; the tool prints them).
+run's recipe and tokenizer, summarising a mixture's per-source shares (`source/NAME/*` metrics),
+and drawing the figures (Agg, no pyplot state) that `tools/plot_weights.py` writes. Must not:
+train, import deepspeed or torch.distributed, or print (it returns strings; the tool prints them).
 
 Losses drift down over training, so the samples are ranked by their *excess loss* (loss minus the
 mean loss of their window) and their *relative weight* (weight x window size, 1 = uniform): the
@@ -62,6 +62,8 @@ class Dumps:
         steps: sorted distinct dumped steps (of the files read, skipped windows included).
         num_skipped_windows: windows dropped for a non-finite loss.
         num_bad_sums: windows whose weights do not sum to 1 (within 1e-3); should be 0.
+        source: (N,) object array of the mixture source NAME of each row (the dumps' `source`
+            field), or None when the dumps carry none (a single-directory `data.train`).
     """
 
     step: np.ndarray
@@ -76,6 +78,7 @@ class Dumps:
     steps: list[int]
     num_skipped_windows: int
     num_bad_sums: int
+    source: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.step.size)
@@ -136,6 +139,7 @@ def load_dumps(run_dir: str | os.PathLike, step: int | None = None, progress: bo
             )
         files = {step: files[step]}
     cols: dict[str, list] = {k: [] for k in ("step", "window", "sample_id", "rank", "loss", "weight")}
+    sources: list[str | None] = []
     from tqdm.auto import tqdm
 
     for file in tqdm(
@@ -153,6 +157,7 @@ def load_dumps(run_dir: str | os.PathLike, step: int | None = None, progress: bo
                     for k, values in cols.items():
                         v = row[k]
                         values.append(math.nan if v is None else v)
+                    sources.append(row.get("source"))
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ObserveError(
                         f"{file}:{lineno}: not a sample row ({type(e).__name__}: {e}); expected "
@@ -194,6 +199,7 @@ def load_dumps(run_dir: str | os.PathLike, step: int | None = None, progress: bo
         steps=sorted(files),
         num_skipped_windows=int(skipped.sum()),
         num_bad_sums=num_bad,
+        source=np.asarray(sources, dtype=object)[keep] if any(s is not None for s in sources) else None,
     )
 
 
@@ -241,6 +247,25 @@ def describe_reweighting(run_dir: str | os.PathLike) -> str:
     return text
 
 
+_SOURCE_PREFIX = "source/"
+
+
+def source_names(metrics: list[dict[str, Any]]) -> list[str]:
+    """The mixture sources NAME of a run's `source/NAME/<field>` metrics keys, in first-seen order
+    ([] for a single-directory `data.train`). `eval_source/...` keys are not looked at."""
+    names: dict[str, None] = {}
+    for m in metrics:
+        for key in m:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "source" and parts[1]:
+                names.setdefault(parts[1], None)
+    return list(names)
+
+
+def _source_key(name: str, field: str) -> str:
+    return f"{_SOURCE_PREFIX}{name}/{field}"
+
+
 def _describe_steps(steps: list[int]) -> str:
     if len(steps) <= 6:
         return ", ".join(map(str, steps))
@@ -251,7 +276,8 @@ def _describe_steps(steps: list[int]) -> str:
 
 
 def summarise(dumps: Dumps, metrics: list[dict[str, Any]]) -> str:
-    """A few lines describing the dumps (and the run's ESS), for the tool to print."""
+    """A few lines describing the dumps (and the run's ESS, and its mixture sources' shares: see
+    `summarise_sources`), for the tool to print."""
     n = len(dumps)
     discarded = dumps.weight == 0
     sizes = np.unique(dumps.window_size)
@@ -272,7 +298,63 @@ def summarise(dumps: Dumps, metrics: list[dict[str, Any]]) -> str:
         lines.append(
             f"metrics: {len(ess)} logged steps, ESS median {np.median(ess):.2f} (min {min(ess):.2f}) of the window"
         )
+    sources = summarise_sources(metrics)
+    if sources:
+        lines.append(sources)
     return "\n".join(lines)
+
+
+def summarise_sources(metrics: list[dict[str, Any]]) -> str:
+    """A table of the mixture sources over the logged training steps ("" without `source/` keys).
+
+    Per source: the mean of `sample_share` and of `weight_share` over the steps that log them (nulls
+    skipped), their ratio (mean weight share / mean sample share: above 1 the weights favour the
+    source's samples, below 1 they discount them; "-" when it never had a sample), the last
+    `epoch` (epochs of the source consumed) and, with scheme `group_dro`, the last `alpha`.
+    """
+    names = source_names(metrics)
+    if not names:
+        return ""
+    num_steps = sum(any(k.startswith(_SOURCE_PREFIX) for k in m) for m in metrics)
+
+    def last(values: np.ndarray) -> str:
+        return f"{values[-1]:.3f}" if values.size else "-"
+
+    rows = []
+    has_alpha = False
+    for name in names:
+        sample = _series(metrics, _source_key(name, "sample_share"))[1]
+        weight = _series(metrics, _source_key(name, "weight_share"))[1]
+        alpha = _series(metrics, _source_key(name, "alpha"))[1]
+        has_alpha |= alpha.size > 0
+        mean_sample = float(sample.mean()) if sample.size else math.nan
+        mean_weight = float(weight.mean()) if weight.size else math.nan
+        ratio = mean_weight / mean_sample if mean_sample > 0 and weight.size else math.nan
+        rows.append(
+            [
+                name,
+                f"{mean_sample:.3f}" if sample.size else "-",
+                f"{mean_weight:.3f}" if weight.size else "-",
+                f"{ratio:.2f}" if math.isfinite(ratio) else "-",
+                last(_series(metrics, _source_key(name, "epoch"))[1]),
+                last(alpha),
+            ]
+        )
+    header = ["source", "sample share", "weight share", "weight/sample", "last epoch", "last alpha"]
+    if not has_alpha:
+        header, rows = header[:-1], [r[:-1] for r in rows]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  " + "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    title = (
+        f"sources: {len(names)}, means over {num_steps} logged step{'s' * (num_steps != 1)} "
+        "(weight/sample > 1: the weights favour the source)"
+    )
+    return "\n".join([title, line(header), *map(line, rows)])
 
 
 @dataclass(frozen=True)
@@ -287,6 +369,8 @@ class Pick:
     weight: float
     window_size: int
     excess: float
+    source: str | None = None
+    """The row's mixture source; None without one."""
 
 
 def pick_samples(dumps: Dumps, k: int) -> dict[str, list[Pick]]:
@@ -324,6 +408,7 @@ def pick_samples(dumps: Dumps, k: int) -> dict[str, list[Pick]]:
                     float(dumps.weight[i]),
                     int(dumps.window_size[i]),
                     float(dumps.excess[i]),
+                    None if dumps.source is None else dumps.source[i],
                 )
             )
             if len(picks) == k:
@@ -346,8 +431,21 @@ def _find_data_dir(run_dir: Path, value: str) -> Path:
     )
 
 
+def _train_paths(recipe_file: Path, train: Any) -> list[str]:
+    """recipe.yaml's `data.train` as shard directories in list order: a plain path, or a mixture's
+    list of `{path, weight, name}` sources (a bare path allowed per entry)."""
+    entries = train if isinstance(train, list) else [train]
+    paths = [e.get("path") if isinstance(e, dict) else e for e in entries]
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise ObserveError(f"{recipe_file}: no data.train shard directory in it")
+    return paths
+
+
 def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[int, str]:
     """Sample id -> its decoded text, via the run's recipe.yaml (data.train) and hf/ tokenizer.
+
+    For a mixture (`data.train` a list of sources) a sample id is the source's offset (the summed
+    lengths of the sources listed before it) plus the sample's row in that source.
 
     Raises:
         ObserveError: no recipe.yaml / data.train / hf tokenizer, or an unreadable shard dir.
@@ -366,7 +464,7 @@ def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[in
     except (yaml.YAMLError, KeyError, TypeError):
         raise ObserveError(f"{recipe_file}: no data.train shard directory in it") from None
     try:
-        data = ShardDataset(_find_data_dir(run, str(train)))
+        datasets = [ShardDataset(_find_data_dir(run, p)) for p in _train_paths(recipe_file, train)]
     except DataError as e:
         raise ObserveError(str(e)) from None
     hf = RunDir(run).hf
@@ -377,27 +475,30 @@ def decode_samples(run_dir: str | os.PathLike, sample_ids: list[int]) -> dict[in
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ObserveError(f"cannot load the run's tokenizer from {hf}: {first}") from None
-    try:
-        check_compatible(tokenizer, {"data.train": data}, chat_template=False)
-    except ShardMismatch as e:
-        if e.found:  # shards that record no tokenizer cannot be checked
-            log.warning(
-                "%s was tokenised with %s (hash %s), not with %s (hash %s); texts may be wrong",
-                data.path,
-                data.tokenizer_name,
-                e.found[:12],
-                hf,
-                e.expected[:12],
-            )
+    for data in datasets:
+        try:
+            check_compatible(tokenizer, {"data.train": data}, chat_template=False)
+        except ShardMismatch as e:
+            if e.found:  # shards that record no tokenizer cannot be checked
+                log.warning(
+                    "%s was tokenised with %s (hash %s), not with %s (hash %s); texts may be wrong",
+                    data.path,
+                    data.tokenizer_name,
+                    e.found[:12],
+                    hf,
+                    e.expected[:12],
+                )
+    offsets = np.cumsum([0] + [len(d) for d in datasets])
     out = {}
     for sid in sample_ids:
-        try:
-            out[sid] = tokenizer.decode(data[sid].input_ids.tolist())
-        except IndexError:
+        if not 0 <= sid < offsets[-1]:
+            where = str(datasets[0].path) if len(datasets) == 1 else f"the {len(datasets)} sources of data.train"
             raise ObserveError(
-                f"sample id {sid} is out of range for {data.path} ({len(data)} samples): the dumps "
+                f"sample id {sid} is out of range for {where} ({int(offsets[-1])} samples): the dumps "
                 "come from other data than recipe.yaml's data.train"
-            ) from None
+            )
+        d = int(np.searchsorted(offsets, sid, side="right")) - 1
+        out[sid] = tokenizer.decode(datasets[d][sid - int(offsets[d])].input_ids.tolist())
     return out
 
 
@@ -409,7 +510,8 @@ def format_picks(groups: dict[str, list[Pick]], texts: dict[int, str], width: in
         lines.append(f"== {name} ({len(picks)}) ==")
         for p in picks:
             lines.append(
-                f"step {p.step} window {p.window} sample {p.sample_id}: loss {p.loss:.3f} "
+                f"step {p.step} window {p.window} sample {p.sample_id}"
+                f"{f' ({p.source})' if p.source is not None else ''}: loss {p.loss:.3f} "
                 f"({p.excess:+.3f} vs window mean), weight {p.weight:.4f} "
                 f"(x{p.weight * p.window_size:.2f} uniform)"
             )
@@ -566,6 +668,60 @@ def plot_losses(ax: Any, metrics: list[dict[str, Any]], step: int | None = None)
     ax.set(xlabel="step", ylabel="loss", title="training loss")
 
 
+def plot_source_shares(ax: Any, metrics: list[dict[str, Any]], title: str | None = None) -> None:
+    """Each mixture source's shares over steps, one colour per source: `weight_share` (solid, the
+    share of the weights p_i its samples got), `sample_share` (dashed, its share of the step's
+    samples) and, with scheme `group_dro`, its group weight `alpha` (dotted). Lines without
+    `source/` keys (eval-only lines) and null values are skipped; the y axis starts at 0."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    names = source_names(metrics)
+    styles = (("weight_share", "-", "weight share"), ("sample_share", "--", "sample share"), ("alpha", ":", "alpha"))
+    used = set()
+    handles = []
+    for i, name in enumerate(names):
+        colour = f"C{i % 10}"
+        first = None
+        for field, style, _ in styles:
+            x, y = _series(metrics, _source_key(name, field))
+            if x.size:
+                (line,) = ax.plot(x, y, style, color=colour, lw=1.4, marker="." if x.size < 30 else None, ms=4)
+                used.add(field)
+                first = first or line
+        if first is not None:
+            handles.append(Line2D([], [], color=colour, lw=2.5, label=name))
+    handles += [Line2D([], [], color="grey", ls=style, label=label) for field, style, label in styles if field in used]
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="step", ylabel="share of the step", title=title or "per-source shares")
+
+
+def make_source_figure(
+    metrics: list[dict[str, Any]],
+    output: str | os.PathLike,
+    step: int | None = None,
+    title: str = "",
+) -> Path | None:
+    """Write `sources.png` (`plot_source_shares`; suffixed `_step_<N>` with a marker at `step` when
+    given) into `output` (created) and return its path; None, writing nothing, when the metrics
+    have no `source/` keys (a single-directory `data.train`)."""
+    if not source_names(metrics):
+        return None
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = _figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    plot_source_shares(ax, metrics, f"{title}: per-source shares" if title else None)
+    if step is not None:
+        ax.axvline(step, color="grey", lw=0.8, ls="--")
+    path = out / f"sources{f'_step_{step:08d}' if step is not None else ''}.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def make_figures(
     dumps: Dumps,
     metrics: list[dict[str, Any]],
@@ -576,8 +732,9 @@ def make_figures(
     """Write the PNGs into `output` (created) and return their paths.
 
     Files (suffixed `_step_<N>` when `step` is given): `weight_vs_loss.png`, `loss_by_weight.png`,
-    `ess_max_weight.png` (ESS and max weight over + losses under; only with metrics) and
-    `overview.png` with all four panels, headed by `title` (e.g. `describe_reweighting`).
+    `ess_max_weight.png` (ESS and max weight over + losses under; only with metrics),
+    `sources.png` (`make_source_figure`; only for a mixture's metrics) and `overview.png` with the
+    four panels of the first three, headed by `title` (e.g. `describe_reweighting`).
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -602,6 +759,10 @@ def make_figures(
         plot_ess(top, metrics, window_size, step)
         plot_losses(bottom, metrics, step)
         save(fig, "ess_max_weight")
+
+    sources = make_source_figure(metrics, out, step, title)
+    if sources is not None:
+        written.append(sources)
 
     fig = _figure(figsize=(12.8, 8.8) if metrics else (12.8, 4.4), layout="constrained")
     axes = fig.subplots(2 if metrics else 1, 2, squeeze=False)

@@ -5,8 +5,9 @@
 Needs a run trained with `log.samples_every=N` (per-sample dumps in RUN_DIR/samples/) and
 matplotlib (`pip install -e .[plot]`).
 
-Exit codes: 0 ok, 2 bad run directory, no dumps, or a missing input (one-line message on stderr,
-no traceback).
+Exit codes: 0 ok, 2 bad run directory, no dumps (a mixture run without dumps still gets its
+per-source table and sources.png, exit 0), or a missing input (one-line message on stderr, no
+traceback).
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from irdro.observe import (
     load_dumps,
     load_metrics,
     make_figures,
+    make_source_figure,
     pick_samples,
+    source_names,
     summarise,
+    summarise_sources,
 )
 from irdro.rundir import RunDir
 
@@ -37,7 +41,13 @@ Write PNGs that show what hard-sample reweighting does to a run's data, from the
   loss_by_weight.png   histogram of each sample's loss minus its window's mean, split into the
                        discarded (weight 0), the top-weighted quarter of each window and the rest
   ess_max_weight.png   effective sample size and max weight over steps; loss and weighted loss
-  overview.png         the four panels in one figure
+  sources.png          mixtures only (data.train a list of sources): each source's weight share
+                       (solid), sample share (dashed) and group_dro alpha (dotted) over steps
+  overview.png         the four panels of the first three files in one figure
+
+The printed summary of a mixture run ends with a table per source: mean sample share, mean weight
+share, their ratio (> 1: the weights favour the source), last epoch and last alpha. A mixture run
+without dumps still gets that table and sources.png.
 
 --show-text K prints the K samples with the highest loss over their window's mean, the K with
 the highest weight, and K that got weight 0 despite an above-mean loss ("discarded as noise"),
@@ -84,13 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.show_text < 0:
             raise ObserveError(f"--show-text must be >= 0, got {args.show_text}")
         run_dir = check_run_dir(args.run_dir)
-        dumps = load_dumps(run_dir, args.step, progress=not args.no_progress)
         metrics = load_metrics(run_dir)
+        output = args.output or run_dir / "plots"
+        title = describe_reweighting(run_dir)
+        try:
+            dumps = load_dumps(run_dir, args.step, progress=not args.no_progress)
+        except ObserveError as e:
+            if args.step is not None or args.show_text or not source_names(metrics):
+                raise
+            # A mixture's per-source shares come from metrics.jsonl alone.
+            logging.warning("%s; writing only the per-source plot", e)
+            print(summarise_sources(metrics))
+            print(f"wrote {make_source_figure(metrics, output, title=title)}")
+            return 0
         if not metrics:
             logging.warning("%s has no metrics; skipping the ESS panel", RunDir(run_dir).metrics)
         print(summarise(dumps, metrics))
-        output = args.output or run_dir / "plots"
-        title = describe_reweighting(run_dir)
         paths = make_figures(dumps, metrics, output, args.step, title)
         for path in paths:
             print(f"wrote {path}")
