@@ -492,10 +492,17 @@ class Batches:
     """
 
     def __init__(
-        self, data: Mixture, recipe: Recipe, pad_id: int, *, dp_rank: int, dp_size: int, sp_rank: int = 0
+        self,
+        data: Mixture | ShardDataset,
+        recipe: Recipe,
+        pad_id: int,
+        *,
+        dp_rank: int,
+        dp_size: int,
+        sp_rank: int = 0,
     ) -> None:
         """Args:
-        data: the training sources (a plain path is a mixture of one).
+        data: the training sources; one shard directory reads as a mixture of one (same order and ids).
         recipe: micro_batch_size, grad_accum_steps, seed, data.shuffle/packing, parallel.
         pad_id: token id of padding.
         dp_rank: this rank's data-parallel rank (irdro.dist.dp_rank()).
@@ -503,6 +510,8 @@ class Batches:
         sp_rank: this rank's sequence-parallel rank (irdro.dist.sp_rank()): which shard of each
             row it gets; every rank of an SP group reads the same samples.
         """
+        if isinstance(data, ShardDataset):
+            data = Mixture([data.path.name], [1.0], [data], named=False)
         self.data, self.recipe, self.pad_id = data, recipe, pad_id
         self.dp_rank, self.dp_size, self.sp_rank = dp_rank, dp_size, sp_rank
         self.order = data.order(recipe.seed, shuffle=recipe.data.shuffle)

@@ -255,3 +255,31 @@ def test_local_normalisation_weights_each_rank_over_its_own_samples(monkeypatch,
         two_ranks(losses, ids), 1, 4, ReweightConfig(**{**cfg.__dict__, "normalize": "global"}), 0, 2.0
     )
     assert (glob.weights - win.weights).abs().max() > 0.1  # rank 1's 9.0 takes the global weight
+
+
+# ------------------------------------------------------------------------------------- group_dro
+
+
+def test_group_dro_window_labels_sources_and_moves_alpha_by_the_excess(monkeypatch):
+    """Sources come from the sample ids; alpha moves by each source's mean signal (here the excess over
+    a reference), once per finite window, and not at all on a non-finite one."""
+    from irdro.reweight import group_dro_alpha
+
+    monkeypatch.setattr(dist, "dp_rank", lambda: 0)
+    cfg = ReweightConfig(scheme="group_dro", eta=1.0, smoothing=0.0, signal="excess")
+    sources = normalize.Sources([0, 3, 6], [0.5, 0.5])  # ids 0-2: source 0, 3-5: source 1
+    losses, ids = torch.tensor([2.0, 3.0, 5.0, 1.0, 4.0, 6.0]), torch.tensor([0, 3, 1, 4, 2, 5])
+    table = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    win = normalize.window_of(two_ranks(losses, ids), 1, 3, cfg, step=0, scale=2.0, reference=table, sources=sources)
+    assert win.sources.tolist() == [0, 0, 0, 1, 1, 1]  # ids ascending
+    # by id: source 0 losses (2, 5, 4) - 1 -> mean excess 2.67; source 1 losses (3, 1, 6) - 0 -> 3.33
+    excess = torch.tensor([1.0, 4.0, 3.0, 3.0, 1.0, 6.0])
+    want = group_dro_alpha(excess, torch.tensor([0, 0, 0, 1, 1, 1]), sources.prior, sources.prior, 1.0, 0.0)
+    assert torch.equal(win.alpha, want) and torch.equal(sources.alpha, want)
+    assert float(want[1]) > 0.5  # the source with the larger excess gained (its plain loss mean is equal)
+    weights = win.weights.double()
+    assert float(weights[3:].sum()) == pytest.approx(float(want[1]), abs=1e-6)  # 3 samples each: share = alpha
+    bad = losses.clone()
+    bad[2] = math.nan
+    nan_win = normalize.window_of(two_ranks(bad, ids), 1, 3, cfg, 0, 2.0, reference=table, sources=sources)
+    assert not nan_win.finite and nan_win.alpha is None and torch.equal(sources.alpha, want)
