@@ -32,6 +32,12 @@ weights over rank r's samples, so the global vector still sums to 1 (when every 
 and the applied gradient is (1/DP) sum_r sum_{i in r} w_i^(r) grad l_i, what the official code's
 per-rank backward and DeepSpeed's DP mean give. One loss scale cannot carry DP normalisers: local
 windows are always scored (`defers_normaliser` is False).
+
+Sources (`Sources`, a mixture's `data.train`). Each window labels its samples with their source
+(from the sample ids: sources own consecutive id ranges). Scheme `group_dro` weights by source:
+`p_i ∝ alpha_d(i) / w_d(i)`, with the group weights alpha advanced once per finite window from the
+per-source mean signal (`irdro.reweight.group_dro_alpha`); alpha is the one piece of reweighting
+state that outlives a window, identical on every rank, and checkpointed by irdro.train.
 """
 
 from __future__ import annotations
