@@ -296,9 +296,9 @@ class Mixture:
         return np.searchsorted(self.offsets, np.asarray(ids, dtype=np.int64), side="right") - 1
 
     def __getitem__(self, idx: int) -> Sample:
-        d = int(self.source_of(idx))
         if not 0 <= idx < len(self):
             raise IndexError(f"sample id {idx} out of range for a mixture of {len(self)} samples")
+        d = int(self.source_of(idx))
         sample = self.datasets[d][int(idx - self.offsets[d])]
         return dataclasses.replace(sample, sample_id=int(idx))
 

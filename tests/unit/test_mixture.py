@@ -238,3 +238,25 @@ def test_validate_names_a_missing_source_and_prints_each_share(tmp_path, capsys)
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("#   ")}
     assert "share 75.00%" in lines["a"] and "samples         40" in lines["a"] and "epochs    1.500" in lines["a"]
     assert "share 25.00%" in lines["bee"] and "epochs    2.000" in lines["bee"]
+
+
+def test_per_source_metrics_reach_tensorboard_as_scalars(tmp_path):
+    """metrics.jsonl keys `source/NAME/...` become TensorBoard scalars of the same tag; an absent
+    source's null loss is left out of TensorBoard and kept as null in the JSON line."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from irdro.metrics import RankZeroLogger
+
+    logger = RankZeroLogger(tmp_path, total_steps=2, tensorboard=True, progress=False)
+    logger.log({"step": 1, "loss": 2.0, "source/bible/weight_share": 0.25, "source/bible/loss": None})
+    logger.log({"step": 2, "loss": 1.5, "source/bible/weight_share": 0.5, "source/bible/loss": 3.0})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"source/bible/weight_share", "source/bible/loss"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("source/bible/weight_share")] == [(1, 0.25), (2, 0.5)]
+    assert [e.step for e in events.Scalars("source/bible/loss")] == [2]
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["source/bible/loss"] is None
