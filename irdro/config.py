@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import types
 import typing
 from collections.abc import Callable
@@ -384,6 +385,21 @@ def load_recipe(
     recipe = _build(Recipe, raw, "")
     validate(recipe, world_size)
     return recipe
+
+
+def header_commands(path: str | os.PathLike) -> list[list[str]]:
+    """The `python tools/...` commands of a recipe's leading comment block (how its inputs are made),
+    continuation lines joined, each split into arguments (the leading `python` included)."""
+    commands: list[str] = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:].strip()
+        if body.startswith("python tools/"):
+            commands.append(body)
+        elif commands and commands[-1].endswith("\\"):
+            commands[-1] = commands[-1][:-1].rstrip() + " " + body
+    return [shlex.split(c) for c in commands]
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
