@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 import yaml
 from common import CACHE, RESULTS, ROOT, launch, run_tool, say, smollm2, write_results
 
+from irdro.config import header_commands
 from irdro.fsio import atomic_write_text
 
 RECIPE = ROOT / "recipes" / "smollm2" / "cpu_mixture.yaml"
@@ -69,18 +69,9 @@ def local_path(path: str) -> str:
 
 
 def recipe_commands() -> list[list[str]]:
-    """The `python tools/...` commands in the recipe's header comment (continuation lines joined),
-    as argument lists without the leading `python`, paths moved by `local_path`."""
-    commands: list[str] = []
-    for line in RECIPE.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        body = line[1:].strip()
-        if body.startswith("python tools/"):
-            commands.append(body)
-        elif commands and commands[-1].endswith("\\"):
-            commands[-1] = commands[-1][:-1].rstrip() + " " + body
-    return [[local_path(arg) for arg in shlex.split(c)[1:]] for c in commands]
+    """The `python tools/...` commands in the recipe's header comment, as argument lists without
+    the leading `python`, paths moved by `local_path`."""
+    return [[local_path(arg) for arg in argv[1:]] for argv in header_commands(RECIPE)]
 
 
 def sources(recipe: dict, key: str) -> list[dict]:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import types
 import typing
 from collections.abc import Callable
@@ -96,6 +97,12 @@ class DataConfig:
     verify_checksums: bool = False
     """Recompute every shard's sha256 at start-up (slow on big corpora)."""
 
+    def __post_init__(self) -> None:
+        # listed sources get their default names now, so recipe.yaml shows the names metrics use
+        for key in ("train", "eval"):
+            if self.is_mixture(key):
+                object.__setattr__(self, key, self.sources(key))
+
     def sources(self, key: str = "train") -> tuple[SourceConfig, ...]:
         """`data.train` (or `data.eval`) as sources with names filled in: a plain path is one source
         of weight 1 named after its last component; () when unset."""
@@ -147,7 +154,7 @@ class ReweightConfig:
     0 keeps alpha at the mixture's target shares: ERM)."""
     smoothing: float = 0.01
     """`group_dro`: after each update alpha <- (1 - smoothing) * alpha + smoothing * target shares, so
-    no source's weight falls below smoothing x its target share; in [0, 1]."""
+    no source's weight falls below smoothing x its target share; in (0, 1]."""
     warmup_steps: int = 0
     """Uniform weights for the first N optimizer steps."""
     signal: Literal["loss", "excess"] = "loss"
@@ -386,6 +393,21 @@ def load_recipe(
     return recipe
 
 
+def header_commands(path: str | os.PathLike) -> list[list[str]]:
+    """The `python tools/...` commands of a recipe's leading comment block (how its inputs are made),
+    continuation lines joined, each split into arguments (the leading `python` included)."""
+    commands: list[str] = []
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:].strip()
+        if body.startswith("python tools/"):
+            commands.append(body)
+        elif commands and commands[-1].endswith("\\"):
+            commands[-1] = commands[-1][:-1].rstrip() + " " + body
+    return [shlex.split(c) for c in commands]
+
+
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     """The `RECIPE [a.b=value ...]` positionals every irdro entry point takes (argparse).
 
@@ -572,11 +594,21 @@ def validate(r: Recipe, world_size: int | None = None) -> None:
     _check(w.delta > 0, "reweight.delta", f"must be > 0, got {w.delta}")
     _check(w.warmup_steps >= 0, "reweight.warmup_steps", "must be >= 0")
     _check(w.eta >= 0 and math.isfinite(w.eta), "reweight.eta", f"must be a finite number >= 0, got {w.eta}")
-    _check(0.0 <= w.smoothing <= 1.0, "reweight.smoothing", f"must be in [0, 1], got {w.smoothing}")
+    _check(
+        0.0 < w.smoothing <= 1.0,
+        "reweight.smoothing",
+        f"must be in (0, 1] (> 0 keeps every source's alpha positive), got {w.smoothing}",
+    )
     _check(
         not (w.scheme == "group_dro" and w.normalize == "local"),
         "reweight.normalize",
         "group_dro weights sources over the whole window; use normalize: global",
+    )
+    _check(
+        w.scheme != "group_dro" or len(r.data.sources("train")) >= 2,
+        "reweight.scheme",
+        "group_dro weights the sources of a mixture: give data.train as a list of at least 2 "
+        "{path, weight, name} sources (over one source it is ERM)",
     )
     _check(
         bool(w.reference) and "/" not in w.reference and w.reference not in (".", ".."),

@@ -134,11 +134,13 @@ class BlendOrder:
     Position p goes to a source by earliest-deadline-first over the sources' ideal pick times: the
     k-th pick of source d (0-based) may come at position floor(k / w_d) at the earliest and must come
     before ceil((k + 1) / w_d); among the sources whose next pick is due (released), the one whose
-    deadline is nearest (ties: the lower index) takes p. This is the exact form of Megatron's
-    "pick the source that lags its share most" (which can fall behind by more than one sample):
-    after any n positions every source d has floor(w_d n) or ceil(w_d n) picks, so its achieved share
-    is within 1/n of w_d in every prefix. The shares are exact rationals (the weights' decimal
-    forms), so no rounding can break the bound.
+    deadline is nearest (ties: the lower index) takes p (Pfair scheduling on one processor, in place
+    of Megatron's "pick the source that lags its share most", which can fall behind by more than one
+    sample): after any n positions every source d has floor(w_d n) or ceil(w_d n) picks, so its
+    achieved share is within 1/n of w_d in every prefix. The shares are exact rationals (the weights'
+    decimal forms), so no rounding can break the bound. With shares u_d / T in lowest common terms,
+    the schedule repeats every T positions (after T, every source has exactly u_d picks): a short
+    period (`MAX_PERIOD`) is computed once and indexed modulo T, so any position costs O(1).
 
     The k-th pick of source d reads `GlobalOrder(N_d, seed, shuffle, stream=d)[k]`: its own seeded
     permutation per epoch k // N_d, so a small source repeats (epochs counted by `picks_before`).
@@ -147,6 +149,7 @@ class BlendOrder:
     """
 
     BLOCK = 1 << 16
+    MAX_PERIOD = 1 << 20
     _CACHE_SIZE = 2
 
     def __init__(self, weights: list[float], lengths: list[int], seed: int, shuffle: bool = True) -> None:
@@ -162,8 +165,11 @@ class BlendOrder:
         if any(w < 0 for w in exact) or sum(exact) <= 0:
             raise ValueError(f"mixture weights must be >= 0 and sum to a positive number, got {weights}")
         scale = math.lcm(*(w.denominator for w in exact))
-        self._units = [int(w * scale) for w in exact]  # w_d = units_d / total, exactly
+        units = [int(w * scale) for w in exact]
+        common = math.gcd(*units)
+        self._units = [u // common for u in units]  # w_d = units_d / total, exactly, in lowest terms
         self._total = sum(self._units)
+        self._period: tuple[np.ndarray, np.ndarray] | None = None
         self.shares = np.array([u / self._total for u in self._units], dtype=np.float64)
         self.lengths = [int(n) for n in lengths]
         self.orders = [GlobalOrder(n, seed, shuffle, stream=d) for d, n in enumerate(self.lengths)]
@@ -219,6 +225,16 @@ class BlendOrder:
         while len(self._blocks) > self._CACHE_SIZE:
             self._blocks.popitem(last=False)
 
+    def _one_period(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Sources and pick numbers of positions [0, T) when T <= MAX_PERIOD, else None."""
+        if self._period is None and self._total <= self.MAX_PERIOD:
+            block, self.BLOCK = self.BLOCK, self._total
+            try:
+                self._period = self._schedule(0, [0] * self.num_sources)
+            finally:
+                self.BLOCK = block
+        return self._period
+
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sources and in-source sample indices of stream positions.
 
@@ -232,11 +248,17 @@ class BlendOrder:
         if pos.size and int(pos.min()) < 0:
             raise ValueError("BlendOrder positions must be non-negative")
         sources, picks = np.empty_like(pos), np.empty_like(pos)
-        blocks, offsets = np.divmod(pos, self.BLOCK)
-        for b in np.unique(blocks).tolist():
-            sel = blocks == b
-            block_sources, block_picks = self._block(b)
-            sources[sel], picks[sel] = block_sources[offsets[sel]], block_picks[offsets[sel]]
+        period = self._one_period()
+        if period is not None:
+            laps, offsets = np.divmod(pos, self._total)
+            sources = period[0][offsets]
+            picks = laps * np.asarray(self._units, dtype=np.int64)[sources] + period[1][offsets]
+        else:
+            blocks, offsets = np.divmod(pos, self.BLOCK)
+            for b in np.unique(blocks).tolist():
+                sel = blocks == b
+                block_sources, block_picks = self._block(b)
+                sources[sel], picks[sel] = block_sources[offsets[sel]], block_picks[offsets[sel]]
         index = np.empty_like(pos)
         for d in np.unique(sources).tolist():
             sel = sources == d
@@ -248,6 +270,11 @@ class BlendOrder:
         `picks / N_d` epochs by then."""
         if position < 0:
             raise ValueError("BlendOrder positions must be non-negative")
+        period = self._one_period()
+        if period is not None:
+            laps, offset = divmod(int(position), self._total)
+            units = np.asarray(self._units, dtype=np.int64)
+            return laps * units + np.bincount(period[0][:offset], minlength=self.num_sources)
         b, offset = divmod(int(position), self.BLOCK)
         block_sources, _ = self._block(b)
         start = np.asarray(self._starts[b], dtype=np.int64)
@@ -296,9 +323,9 @@ class Mixture:
         return np.searchsorted(self.offsets, np.asarray(ids, dtype=np.int64), side="right") - 1
 
     def __getitem__(self, idx: int) -> Sample:
-        d = int(self.source_of(idx))
         if not 0 <= idx < len(self):
             raise IndexError(f"sample id {idx} out of range for a mixture of {len(self)} samples")
+        d = int(self.source_of(idx))
         sample = self.datasets[d][int(idx - self.offsets[d])]
         return dataclasses.replace(sample, sample_id=int(idx))
 

@@ -43,9 +43,10 @@ state that outlives a window, identical on every rank, and checkpointed by irdro
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -72,14 +73,22 @@ class Sources:
     Attributes:
         offsets: (D + 1,) int64 first sample id of each source (irdro.data.Mixture.offsets), CPU.
         prior: (D,) fp64 target shares, CPU.
+        names: the sources' names in a named mixture (`data.train` written as a list), else empty.
         alpha: (D,) fp64 group weights, starting at `prior`; `window_of` replaces it after each finite
             `group_dro` window.
     """
 
-    def __init__(self, offsets, shares) -> None:
+    def __init__(
+        self, offsets: Sequence[int] | np.ndarray, shares: Sequence[float] | np.ndarray, names: Sequence[str] = ()
+    ) -> None:
+        self.names = list(names)
         self.offsets = torch.as_tensor(offsets, dtype=torch.int64, device="cpu")
         self.prior = torch.as_tensor(shares, dtype=torch.float64, device="cpu")
         self.alpha = self.prior.clone()
+
+    def describe(self) -> list[list] | None:
+        """[[name, target share], ...] of a named mixture (what a checkpoint records), else None."""
+        return [[n, float(q)] for n, q in zip(self.names, self.prior.tolist(), strict=True)] if self.names else None
 
     def of(self, ids: Tensor) -> Tensor:
         """(...) int64 source index of sample ids, on `ids`' device."""

@@ -136,13 +136,17 @@ class StepStats:
         """Per source NAME of the mixture: `source/NAME/loss` (plain mean of its samples' losses in
         the step; None when it had none), `weight_share` (sum of its p_i, averaged over the windows,
         as weighted_loss is) and `sample_share` (its samples over the step's); `alpha`, the
-        `group_dro` weights after the step, when given. Needs windows labelled with sources."""
+        `group_dro` weights after the step, when given. Needs windows labelled with sources. A step
+        with a non-finite loss logs weight shares of None (its weighted_loss is NaN) and each source's
+        mean over its finite losses."""
         out: dict[str, float | None] = {}
         num = len(names)
         sources = torch.cat([w.sources.cpu() for w in self.windows])
         losses = torch.cat([w.losses.cpu() for w in self.windows]).double()
         counts = torch.bincount(sources, minlength=num).double()
-        loss_sums = torch.zeros(num, dtype=torch.float64, device="cpu").index_add_(0, sources, losses)
+        ok = torch.isfinite(losses)
+        scored = torch.bincount(sources[ok], minlength=num).double()
+        loss_sums = torch.zeros(num, dtype=torch.float64, device="cpu").index_add_(0, sources[ok], losses[ok])
         shares = torch.stack(
             [
                 torch.zeros(num, dtype=torch.float64, device="cpu").index_add_(
@@ -151,10 +155,11 @@ class StepStats:
                 for w in self.windows
             ]
         ).mean(0)
+        finite = all(w.finite for w in self.windows)
         for d, name in enumerate(names):
-            n = float(counts[d])
-            out[f"source/{name}/loss"] = float(loss_sums[d] / n) if n else None
-            out[f"source/{name}/weight_share"] = float(shares[d])
+            n, m = float(counts[d]), float(scored[d])
+            out[f"source/{name}/loss"] = float(loss_sums[d] / m) if m else None
+            out[f"source/{name}/weight_share"] = float(shares[d]) if finite else None
             out[f"source/{name}/sample_share"] = n / float(counts.sum())
             if alpha is not None:
                 out[f"source/{name}/alpha"] = float(alpha[d])
@@ -228,6 +233,24 @@ def train_step(
         return (loss_hook(step, m, losses) if loss_hook else losses), counts
 
     batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+    alpha = None if sources is None else sources.alpha
+    stats = weighted_step(engine, batches, recipe, step, losses_of, reference, sources)
+    if stats.skipped and sources is not None:  # the model did not move: neither does group_dro's alpha
+        sources.alpha = alpha
+    return stats
+
+
+def weighted_step(
+    engine,
+    batches: list[dict[str, Tensor]],
+    recipe: Recipe,
+    step: int,
+    losses_of,
+    reference: Reference | None,
+    sources: Sources | None,
+) -> StepStats:
+    """`deferred_step` where the step allows it (else, or after an overflow, `scored_step`)."""
+    device = engine.device
     if defers_normaliser(recipe.reweight, step):
         rng = rng_state_of(device)
         stats = deferred_step(engine, batches, recipe, step, losses_of, reference, sources)
@@ -466,7 +489,7 @@ def setup(recipe: Recipe) -> Setup:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_data = open_data(recipe, "train")
     eval_data = open_data(recipe, "eval")
-    sources = Sources(train_data.offsets, train_data.shares)
+    sources = Sources(train_data.offsets, train_data.shares, train_data.names if train_data.named else ())
     reference = reference_losses(recipe)  # before the model: a missing file fails in seconds
     ds_config = resolve_ds_config(recipe, dist.world_size())
     point = dist.from_main(lambda: find_resume(recipe.output_dir, recipe.resume))
@@ -499,17 +522,30 @@ def setup(recipe: Recipe) -> Setup:
 
 
 def restore_sources(sources: Sources, state: dict, where: object) -> None:
-    """Put the checkpoint's `group_dro` weights back (a checkpoint of an older irdro has none:
-    alpha restarts at the target shares); refuse a checkpoint of another number of sources."""
-    alpha = state.get("group_alpha")
-    if alpha is None:
-        return
-    if len(alpha) != sources.prior.numel():
-        raise ConfigError(
-            f"data.train: {where} was written by a run of {len(alpha)} sources, this recipe has "
-            f"{sources.prior.numel()}; resume with the same sources, or set resume: never (or a new output_dir)"
+    """Refuse a checkpoint of other sources or weights (the blended order would change under it; a
+    checkpoint of one shard directory and a recipe of one source are the same order), then put its
+    `group_dro` weights back (a checkpoint of an older irdro has none: alpha restarts at the targets)."""
+    saved, now = state.get("sources"), sources.describe()
+    if (saved or now) and [len(saved or [0]), len(now or [0])] != [1, 1]:
+        same = (
+            saved is not None
+            and now is not None
+            and [n for n, _ in saved] == [n for n, _ in now]
+            and all(math.isclose(a, b, rel_tol=0, abs_tol=1e-12) for (_, a), (_, b) in zip(saved, now, strict=True))
         )
-    sources.alpha = torch.tensor(alpha, dtype=torch.float64, device="cpu")
+        if not same:
+
+            def shown(mix: list | None) -> str:
+                return ", ".join(f"{n} {s:.4g}" for n, s in mix) if mix else "one shard directory"
+
+            raise ConfigError(
+                f"data.train: {where} was written by a run over {shown(saved)}; this recipe blends {shown(now)}, "
+                "which would change the data order under the checkpoint; resume with the same sources and weights, "
+                "or start a new run (resume: never, or another output_dir)"
+            )
+    alpha = state.get("group_alpha")
+    if alpha is not None and len(alpha) == sources.prior.numel():
+        sources.alpha = torch.tensor(alpha, dtype=torch.float64, device="cpu")
 
 
 @dataclass(frozen=True)
@@ -719,8 +755,9 @@ def truncate_metrics(output_dir: str, step: int) -> None:
 def client_state(recipe: Recipe, step: int, dp: int, sources: Sources | None = None) -> dict:
     """Resume state stored in every checkpoint next to DeepSpeed's own (with the mixture's `group_dro`
     weights alpha, identical on every rank, as exact floats)."""
+    mixture = {} if sources is None else {"group_alpha": sources.alpha.tolist(), "sources": sources.describe()}
     return {
-        **({} if sources is None else {"group_alpha": sources.alpha.tolist()}),
+        **mixture,
         "step": step,
         "consumed_samples": step * recipe.global_batch(dp),
         "world_size": dp,

@@ -8,6 +8,7 @@ a bad source stops every rank at setup with one line naming it.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,14 @@ from irdro.testing import run_ranks
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-6  # 1 vs 2 ranks: fp32 SGD, the contract's bound
+
+
+@pytest.fixture
+def held_out(sonnet_shards, alpaca_split):
+    return [
+        {"path": str(sonnet_shards / "eval"), "name": "sonnets"},
+        {"path": str(alpaca_split / "eval"), "name": "pairs"},
+    ]
 
 
 @pytest.fixture
@@ -76,13 +85,21 @@ def test_group_dro_two_ranks_equal_one_and_resume_is_bit_identical(base_recipe, 
 
 
 @pytest.mark.slow  # 2 trainings, ~110 s
-def test_group_dro_with_eta_zero_is_erm_and_source_metrics_match_the_dumps(base_recipe, mixture, tmp_path):
-    recipe = mixture_recipe(base_recipe, mixture, reweight__eta=0.0)
+def test_group_dro_with_eta_zero_is_erm_and_source_metrics_match_the_dumps(
+    base_recipe, mixture, sonnet_shards, alpaca_split
+):
+    recipe = mixture_recipe(base_recipe, mixture, reweight__eta=0.0, data__eval=held_out(sonnet_shards, alpaca_split))
     group = train(recipe, 2)
-    erm = train(mixture_recipe(base_recipe, mixture, reweight__scheme="erm"), 2)
+    erm = train(mixture_recipe(base_recipe, mixture, reweight__scheme="erm", data__eval=str(sonnet_shards / "eval")), 2)
     diff = max_abs_diff(group.state_dict, erm.state_dict)
     print(f"\ngroup_dro eta=0 vs erm on the mixture: max |dparam| = {diff:.3e}")
-    assert diff <= 1e-7
+    assert diff == 0.0
+    # a list-valued data.eval: each source as its own plain-path eval would be, pooled by tokens
+    end, plain = group.records[-1], erm.records[-1]
+    assert end["eval_source/sonnets/loss"] == plain["eval_loss"]
+    low, high = sorted([end["eval_source/sonnets/loss"], end["eval_source/pairs/loss"]])
+    assert low < end["eval_loss"] < high
+    assert end["eval_source/pairs/ppl"] == pytest.approx(math.exp(end["eval_source/pairs/loss"]), rel=1e-12)
 
     for record in group.records:
         rows = dumps(recipe["output_dir"], record["step"])
@@ -105,6 +122,30 @@ def test_group_dro_with_eta_zero_is_erm_and_source_metrics_match_the_dumps(base_
     for s in mixture:
         share = np.mean([r[f"source/{s['name']}/sample_share"] for r in group.records])
         assert abs(share - s["weight"]) <= 1 / (4 * 8)
+
+
+def test_group_dro_alpha_holds_through_warmup_and_a_skipped_step(base_recipe, mixture):
+    """Window micro, GA 2, one rank: no update during warm-up; in step 2 the first micro-window moves
+    alpha, the second is NaN and the step is skipped, so alpha goes back to where the step began."""
+    recipe = mixture_recipe(
+        base_recipe,
+        mixture,
+        micro_batch_size=2,
+        grad_accum_steps=2,
+        max_steps=3,
+        reweight__window="micro",
+        reweight__warmup_steps=1,
+        log__samples_every=0,
+    )
+    run = train(recipe, 1, add_at=[(1, 1, math.nan)])
+    prior = [s["weight"] for s in mixture]
+    alphas = [[r[f"source/{s['name']}/alpha"] for s in mixture] for r in run.records]
+    print(f"\nalpha per step (warm-up, skipped, trained): {np.round(alphas, 4).tolist()}")
+    assert [r["skipped"] for r in run.records] == [0, 1, 0]
+    assert alphas[0] == pytest.approx(prior, abs=1e-15) and alphas[1] == pytest.approx(prior, abs=1e-15)
+    assert alphas[2] != pytest.approx(prior, abs=1e-3)
+    assert all(run.records[1][f"source/{s['name']}/weight_share"] is None for s in mixture)
+    assert sum(run.records[2][f"source/{s['name']}/weight_share"] for s in mixture) == pytest.approx(1.0)
 
 
 def test_a_bad_source_stops_every_rank_with_one_line_naming_it(base_recipe, mixture, tmp_path):

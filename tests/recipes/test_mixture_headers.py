@@ -3,29 +3,16 @@ output of a `tools/prepare_data.py` command in the header (with --eval-fraction,
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
+from irdro.config import header_commands
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 MIXTURES = [p for p in RECIPES if isinstance(yaml.safe_load(p.read_text())["data"]["train"], list)]
-
-
-def header_commands(path: Path) -> list[list[str]]:
-    """The `python tools/...` commands of the leading comment block, continuation lines joined."""
-    commands: list[str] = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        body = line[1:].strip()
-        if body.startswith("python tools/"):
-            commands.append(body)
-        elif commands and commands[-1].endswith("\\"):
-            commands[-1] = commands[-1][:-1].rstrip() + " " + body
-    return [shlex.split(c) for c in commands]
 
 
 def test_there_are_mixture_recipes() -> None:

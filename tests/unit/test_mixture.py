@@ -40,10 +40,15 @@ def achieved_error(order: BlendOrder, n: int) -> float:
 @pytest.mark.parametrize("weights", WEIGHTS, ids=lambda w: f"{len(w)}src")
 def test_every_prefix_is_within_one_sample_of_the_targets(weights):
     """|achieved share - target| <= 1/len in every prefix of the order (the Pfair bound is < 1 sample);
-    the blocks of the schedule join seamlessly (BLOCK shrunk to 1000 so 20,000 positions span 20)."""
+    the schedule computed once per period equals the one computed block by block (BLOCK shrunk to
+    1000 so 20,000 positions span 20 blocks, which join seamlessly)."""
     order = BlendOrder(weights, [7] * len(weights), seed=0)
-    order.BLOCK = 1000
-    err = achieved_error(order, 20_000)
+    blocks = BlendOrder(weights, [7] * len(weights), seed=0)
+    blocks.BLOCK, blocks.MAX_PERIOD = 1000, 0
+    pos = np.arange(20_000)
+    assert all((a == b).all() for a, b in zip(order.locate(pos), blocks.locate(pos), strict=True))
+    assert (order.picks_before(12_345) == blocks.picks_before(12_345)).all()
+    err = achieved_error(blocks, 20_000)
     print(f"\n{len(weights)} sources {np.round(order.shares, 4).tolist()}: max |picks - share x n| = {err:.4f}")
     assert err < 1.0
     assert (order.picks_before(20_000) == np.bincount(order.locate(np.arange(20_000))[0], minlength=len(weights))).all()
@@ -85,10 +90,10 @@ def test_a_source_reads_its_own_permutation_and_repeats_by_epochs():
 def test_the_order_is_a_function_of_the_position_alone():
     """A fresh order asked for positions far ahead (a resume) gives what one that walked there gives."""
     walked = BlendOrder([0.5, 0.3, 0.2], [40, 30, 7], seed=3)
-    walked.BLOCK = 256
+    walked.BLOCK, walked.MAX_PERIOD = 256, 0
     full = walked.locate(np.arange(5000))
     fresh = BlendOrder([0.5, 0.3, 0.2], [40, 30, 7], seed=3)
-    fresh.BLOCK = 256
+    fresh.BLOCK, fresh.MAX_PERIOD = 256, 0
     tail = fresh.locate(np.arange(4000, 5000))
     assert (tail[0] == full[0][4000:]).all() and (tail[1] == full[1][4000:]).all()
 
@@ -212,12 +217,14 @@ def write_recipe(tmp_path: Path, train) -> Path:
         ([{"weight": 1}], "data.train[0].path: required"),
         ([], "data.train: required"),
         ([{"path": "a", "wieght": 1}], "unknown key data.train[0].wieght; did you mean data.train[0].weight?"),
+        ("a", "reweight.scheme: group_dro weights the sources of a mixture: give data.train as a list"),
+        ([{"path": "a"}], "reweight.scheme: group_dro weights the sources of a mixture"),
     ],
-    ids=["zero-sum", "negative", "duplicate", "bad-name", "no-path", "empty", "typo"],
+    ids=["zero-sum", "negative", "duplicate", "bad-name", "no-path", "empty", "typo", "plain", "one-source"],
 )
 def test_bad_sources_are_one_line_errors_naming_them(tmp_path, train, message):
     with pytest.raises(ConfigError) as e:
-        load_recipe(write_recipe(tmp_path, train))
+        load_recipe(write_recipe(tmp_path, train), ["reweight.scheme=group_dro"] if "group_dro" in message else [])
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
@@ -238,3 +245,59 @@ def test_validate_names_a_missing_source_and_prints_each_share(tmp_path, capsys)
     lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("#   ")}
     assert "share 75.00%" in lines["a"] and "samples         40" in lines["a"] and "epochs    1.500" in lines["a"]
     assert "share 25.00%" in lines["bee"] and "epochs    2.000" in lines["bee"]
+
+
+def test_per_source_metrics_reach_tensorboard_as_scalars(tmp_path):
+    """metrics.jsonl keys `source/NAME/...` become TensorBoard scalars of the same tag; an absent
+    source's null loss is left out of TensorBoard and kept as null in the JSON line."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from irdro.metrics import RankZeroLogger
+
+    logger = RankZeroLogger(tmp_path, total_steps=2, tensorboard=True, progress=False)
+    logger.log({"step": 1, "loss": 2.0, "source/bible/weight_share": 0.25, "source/bible/loss": None})
+    logger.log({"step": 2, "loss": 1.5, "source/bible/weight_share": 0.5, "source/bible/loss": 3.0})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"source/bible/weight_share", "source/bible/loss"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("source/bible/weight_share")] == [(1, 0.25), (2, 0.5)]
+    assert [e.step for e in events.Scalars("source/bible/loss")] == [2]
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["source/bible/loss"] is None
+
+
+def test_group_dro_needs_a_positive_smoothing_and_listed_names_are_filled_in(tmp_path):
+    from irdro.config import dump_yaml
+
+    path = write_recipe(tmp_path, [{"path": "x/shakespeare"}, {"path": "y/bible", "weight": 2}])
+    with pytest.raises(ConfigError, match=r"^reweight.smoothing: must be in \(0, 1\]"):
+        load_recipe(path, ["reweight.scheme=group_dro", "reweight.smoothing=0"])
+    r = load_recipe(path, ["reweight.scheme=group_dro"])
+    assert [s.name for s in r.data.train] == ["shakespeare", "bible"]
+    assert "name: bible" in dump_yaml(r)  # recipe.yaml shows the names the metrics use
+
+
+def test_resume_refuses_other_sources_or_weights_and_restores_alpha():
+    from irdro.normalize import Sources
+    from irdro.train import restore_sources
+
+    def mixture(names=("a", "b"), shares=(0.75, 0.25)) -> Sources:
+        return Sources([0, 3, 6], list(shares), list(names))
+
+    saved = mixture()
+    saved.alpha = torch.tensor([0.6, 0.4], dtype=torch.float64)
+    state = {"sources": saved.describe(), "group_alpha": saved.alpha.tolist()}
+    same = mixture()
+    restore_sources(same, state, "ckpt")
+    assert same.alpha.tolist() == [0.6, 0.4]
+    for other in (mixture(shares=(0.5, 0.5)), mixture(names=("a", "c")), Sources([0, 6], [1.0])):
+        with pytest.raises(ConfigError) as e:
+            restore_sources(other, state, "ckpt")
+        assert str(e.value).startswith("data.train: ckpt was written by a run over a 0.75, b 0.25; this recipe blends")
+    one = Sources([0, 6], [1.0], ["a"])
+    restore_sources(one, {"step": 3}, "ckpt")  # a plain-path checkpoint, a one-source list: the same order
+    with pytest.raises(ConfigError, match="over one shard directory; this recipe blends a 0.75, b 0.25"):
+        restore_sources(mixture(), {"step": 3}, "ckpt")
