@@ -24,8 +24,8 @@ pytestmark = pytest.mark.distributed
 TOL = 1e-6  # 1 vs 2 ranks: fp32 SGD, the contract's bound
 
 
-@pytest.fixture
-def held_out(sonnet_shards, alpaca_split):
+def held_out(sonnet_shards, alpaca_split) -> list[dict]:
+    """The held-out sonnets and pairs as a list-valued data.eval."""
     return [
         {"path": str(sonnet_shards / "eval"), "name": "sonnets"},
         {"path": str(alpaca_split / "eval"), "name": "pairs"},
