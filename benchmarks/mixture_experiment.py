@@ -265,11 +265,8 @@ def plot(metrics_by_arm: dict[str, list[dict]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    try:
-        from irdro.observe import plot_source_shares
-    except ImportError:
-        say("figure skipped: this irdro has no irdro.observe.plot_source_shares (issue 14)")
-        return
+    from irdro.observe import plot_source_shares
+
     fig, axes = plt.subplots(1, len(metrics_by_arm), figsize=(5 * len(metrics_by_arm), 4), squeeze=False)
     for ax, (name, metrics) in zip(axes[0], metrics_by_arm.items(), strict=True):
         plot_source_shares(ax, metrics, title=name)

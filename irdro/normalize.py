@@ -55,6 +55,7 @@ from irdro.config import ReweightConfig
 from irdro.reweight import (
     compute_weights,
     group_dro_alpha,
+    group_dro_weights,
     scheme_params,
     softmax_numerators,
     softmax_temperature,
@@ -246,9 +247,9 @@ def window_of(
         if name == "group_dro":
             if sources is None:
                 raise ValueError("reweight scheme group_dro needs the window's sources (irdro.normalize.Sources)")
-            group = {"sources": labels, "alpha": sources.alpha, "prior": sources.prior}
-            weights = compute_weights(signal, name, **group, **params)
+            # = compute_weights(signal, "group_dro", ...), with alpha advanced once and kept as the state
             alpha = sources.alpha = group_dro_alpha(signal, labels, sources.alpha, sources.prior, **params)
+            weights = group_dro_weights(labels, alpha, sources.prior)
         elif cfg.normalize == "local":
             num_ranks = gathered.shape[0]
             weights = torch.zeros_like(losses)

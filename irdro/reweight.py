@@ -182,10 +182,17 @@ def group_dro(
     The window's weight on source d is then alpha_d (up to the window's sampling noise; exactly when
     its counts n_d equal prior_d * N, where p_i = alpha_d / n_d), and alpha = prior (eta 0) is ERM.
     """
-    a = group_dro_alpha(losses, sources, alpha, prior, eta, smoothing)
-    q = prior.to(a.device).double()
+    return group_dro_weights(sources, group_dro_alpha(losses, sources, alpha, prior, eta, smoothing), prior).to(
+        losses.device
+    )
+
+
+def group_dro_weights(sources: Tensor, alpha: Tensor, prior: Tensor) -> Tensor:
+    """(N,) fp32 `group_dro` sample weights p_i proportional to alpha_d(i) / prior_d(i), for the
+    group weights `alpha` already advanced by this window (`group_dro_alpha`); on `sources`' device."""
+    a, q = alpha.double(), prior.to(alpha.device).double()
     ratio = torch.where(q > 0, a / q.clamp(min=1e-300), 0.0)[sources.to(a.device)]
-    return (ratio / ratio.sum()).to(device=losses.device, dtype=torch.float32)
+    return (ratio / ratio.sum()).to(device=sources.device, dtype=torch.float32)
 
 
 def scheme_params(cfg: ReweightConfig, step: int) -> tuple[str, dict[str, float]]:
